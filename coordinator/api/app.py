@@ -1,0 +1,83 @@
+"""The application factory: long-lived resources opened and closed in cleanup contexts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from coordinator.api.envelope import error_middleware
+from coordinator.api.routes import ENGINE, SETTINGS, STORE, add_routes
+from coordinator.embedded_redis import EmbeddedRedis
+from coordinator.engine.caller import BranchCaller
+from coordinator.engine.engine import Engine
+from coordinator.keys import KeySpace
+from coordinator.machines.base import Machine
+from coordinator.machines.saga import SagaMachine
+from coordinator.settings import Settings
+from coordinator.store.redis_store import RedisStore
+
+log = logging.getLogger("coordinator")
+
+MACHINES: dict[str, Machine] = {"saga": SagaMachine()}
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes, middlewares=[error_middleware]
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_resources)
+    add_routes(app)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    embedded: EmbeddedRedis | None = None
+    url = settings.redis.url
+    if not url:
+        embedded = EmbeddedRedis(Path(settings.redis.data_dir))
+        url = await embedded.start()
+        log.info("started a private redis-server with its data in %s", settings.redis.data_dir)
+    keys = KeySpace(settings.redis.key_prefix, settings.redis.partitions)
+    store = RedisStore.from_url(
+        url,
+        keys,
+        lease_ms=int(settings.engine.lease_seconds * 1000),
+        finished_ttl_s=settings.engine.finished_ttl,
+    )
+    session: aiohttp.ClientSession | None = None
+    engine: Engine | None = None
+    try:
+        await store.start()
+        # One keep-alive pool for every branch call; the per-host limit keeps one slow
+        # participant from taking every socket.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30)
+        session = aiohttp.ClientSession(connector=connector, skip_auto_headers=["User-Agent"])
+        caller = BranchCaller(session, settings.engine.request_timeout)
+        engine = Engine(store, caller, MACHINES, settings.engine)
+        app[STORE] = store
+        app[ENGINE] = engine
+        engine.start()
+        log.info("coordinator %s ready, store %s", engine.instance, _safe_url(url))
+        yield
+    finally:
+        if engine is not None:
+            await engine.stop()
+        if session is not None:
+            await session.close()
+        await store.close()
+        if embedded is not None:
+            await embedded.stop()
+
+
+def _safe_url(url: str) -> str:
+    """The store URL without a password, for logs."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

@@ -1,0 +1,74 @@
+"""Rendering transactions and branches as dtm's JSON (field names, omitempty, times)."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from typing import Any
+
+from coordinator.model import Branch, Trans
+from coordinator.store.codec import options_to_json
+
+
+def rfc3339(ms: int) -> str | None:
+    if not ms:
+        return None
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def _put(out: dict[str, Any], name: str, value: Any) -> None:
+    """dtm marks these fields omitempty: leave out zero values."""
+    if value:
+        out[name] = value
+
+
+def trans_json(t: Trans) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "create_time": rfc3339(t.create_time),
+        "update_time": rfc3339(t.update_time),
+    }
+    _put(out, "gid", t.gid)
+    _put(out, "trans_type", t.trans_type)
+    _put(out, "steps", list(t.steps))
+    _put(out, "payloads", list(t.payloads))
+    _put(out, "status", t.status.value)
+    _put(out, "query_prepared", t.query_prepared)
+    _put(out, "protocol", t.protocol)
+    _put(out, "finish_time", rfc3339(t.finish_time))
+    _put(out, "rollback_time", rfc3339(t.rollback_time))
+    _put(out, "result", t.result)
+    _put(out, "rollback_reason", t.rollback_reason)
+    options = options_to_json(t.options)
+    _put(out, "options", "" if options == "{}" else options)
+    _put(out, "custom_data", t.custom_data)
+    _put(out, "next_cron_interval", t.next_cron_interval)
+    _put(out, "next_cron_time", rfc3339(t.next_cron_time))
+    _put(out, "owner", t.owner)
+    o = t.options
+    _put(out, "wait_result", o.wait_result)
+    _put(out, "timeout_to_fail", o.timeout_to_fail)
+    _put(out, "request_timeout", o.request_timeout)
+    _put(out, "retry_interval", o.retry_interval)
+    _put(out, "branch_headers", o.branch_headers)
+    out["concurrent"] = o.concurrent
+    _put(out, "retry_limit", o.retry_limit)
+    _put(out, "retry_count", t.retry_count)
+    return out
+
+
+def branch_json(t: Trans, b: Branch) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "create_time": rfc3339(b.create_time),
+        "update_time": rfc3339(b.update_time),
+    }
+    _put(out, "gid", t.gid)
+    _put(out, "url", b.url)
+    body = t.payload_of(b)
+    # dtm stores the body as bytes, which Go's JSON encoder writes as base64.
+    _put(out, "bin_data", base64.b64encode(body.encode()).decode() if body else "")
+    _put(out, "branch_id", b.branch_id)
+    _put(out, "op", b.op.value)
+    _put(out, "status", b.status.value)
+    _put(out, "finish_time", rfc3339(b.finish_time))
+    return out

@@ -1,0 +1,191 @@
+"""Parsing and validating dtm's transaction JSON.
+
+Clients send nulls for absent strings and obsolete fields; those are tolerated. Every
+other problem is a `BadRequest` naming the field, raised before anything is stored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from coordinator.errors import BadRequest
+from coordinator.machines import saga
+from coordinator.model import TRANS_TYPES, Branch, Options, Status, Trans
+
+GID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class TransRequest:
+    trans: Trans
+    req_extra: dict[str, str]
+
+
+def load_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def check_gid(value: Any) -> str:
+    if value is None or value == "":
+        raise BadRequest("gid is required", "gid")
+    if not isinstance(value, str):
+        raise BadRequest("gid must be a string", "gid")
+    if not GID_PATTERN.match(value):
+        raise BadRequest("gid must be 1-128 printable ASCII characters without spaces", "gid")
+    return value
+
+
+def _string(data: Mapping[str, Any], name: str) -> str:
+    value = data.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string", name)
+    return value
+
+
+def _integer(data: Mapping[str, Any], name: str, minimum: int = 0) -> int:
+    value = data.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be a whole number", name)
+    if value != 0 and value < minimum:
+        raise BadRequest(f"{name} must be 0 or at least {minimum}", name)
+    if value < 0:
+        raise BadRequest(f"{name} must not be negative", name)
+    return value
+
+
+def _boolean(data: Mapping[str, Any], name: str) -> bool:
+    value = data.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false", name)
+    return value
+
+
+def _string_map(data: Mapping[str, Any], name: str) -> dict[str, str]:
+    value = data.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise BadRequest(f"{name} must be an object of strings", name)
+    return dict(value)
+
+
+def _steps(data: Mapping[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
+    raw = data.get("steps")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise BadRequest("steps must be a list", "steps")
+    if len(raw) > MAX_STEPS:
+        raise BadRequest(f"steps has more than {MAX_STEPS} items", "steps")
+    steps: list[dict[str, str]] = []
+    old_payloads: list[str] = []
+    for i, step in enumerate(raw):
+        if not isinstance(step, dict):
+            raise BadRequest(f"steps[{i}] must be an object", f"steps[{i}]")
+        clean: dict[str, str] = {}
+        for key, value in step.items():
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise BadRequest(f"steps[{i}].{key} must be a string", f"steps[{i}].{key}")
+            if key == "data":
+                old_payloads.append(value)  # the old form carried the body in the step
+            else:
+                clean[key] = value
+        steps.append(clean)
+    payloads_raw = data.get("payloads")
+    if payloads_raw is None:
+        payloads_raw = []
+    if not isinstance(payloads_raw, list) or not all(
+        p is None or isinstance(p, str) for p in payloads_raw
+    ):
+        raise BadRequest("payloads must be a list of strings", "payloads")
+    payloads = [p or "" for p in payloads_raw]
+    if not payloads and old_payloads:
+        if len(old_payloads) != len(steps):
+            raise BadRequest("either every step or no step may carry data", "steps")
+        payloads = old_payloads
+    if payloads and len(payloads) != len(steps):
+        raise BadRequest(
+            f"payloads has {len(payloads)} items but steps has {len(steps)}", "payloads"
+        )
+    return steps, payloads
+
+
+def parse_gid_only(body: bytes) -> tuple[str, dict[str, Any]]:
+    data = load_object(body)
+    return check_gid(data.get("gid")), data
+
+
+def parse_trans(body: bytes, status: Status) -> TransRequest:
+    """Validate a prepare/submit body and build the transaction it describes."""
+    data = load_object(body)
+    gid = check_gid(data.get("gid"))
+    trans_type = data.get("trans_type")
+    if trans_type is None or trans_type == "":
+        raise BadRequest("trans_type is required", "trans_type")
+    if trans_type not in TRANS_TYPES:
+        allowed = ", ".join(sorted(TRANS_TYPES))
+        raise BadRequest(f"trans_type {trans_type!r} is not one of {allowed}", "trans_type")
+    steps, payloads = _steps(data)
+    options = Options(
+        wait_result=_boolean(data, "wait_result"),
+        timeout_to_fail=_integer(data, "timeout_to_fail"),
+        request_timeout=_integer(data, "request_timeout"),
+        retry_interval=_integer(data, "retry_interval", minimum=1),
+        retry_limit=_integer(data, "retry_limit"),
+        branch_headers=_string_map(data, "branch_headers"),
+        concurrent=_boolean(data, "concurrent"),
+    )
+    custom_data = _string(data, "custom_data")
+    protocol = _string(data, "protocol") or "http"
+    if protocol not in ("http", "grpc", "json-rpc"):
+        raise BadRequest(f"protocol {protocol!r} is not supported", "protocol")
+    branches: tuple[Branch, ...] = ()
+    if trans_type == "saga":
+        for i, step in enumerate(steps):
+            for key in step:
+                if key not in ("action", "compensate"):
+                    raise BadRequest(f"steps[{i}] has unknown key {key!r}", f"steps[{i}]")
+        try:
+            saga.parse_ordering(custom_data, options.concurrent, len(steps))
+        except ValueError as exc:
+            raise BadRequest(str(exc), "custom_data") from None
+        branches = saga.branches_for(steps)
+    req_extra = _string_map(data, "req_extra")
+    trans = Trans(
+        gid=gid,
+        trans_type=trans_type,
+        status=status,
+        steps=tuple(steps),
+        payloads=tuple(payloads),
+        branches=branches,
+        custom_data=custom_data,
+        query_prepared=_string(data, "query_prepared"),
+        protocol=protocol,
+        rollback_reason=_string(data, "rollback_reason"),
+        options=options,
+    )
+    return TransRequest(trans, req_extra)

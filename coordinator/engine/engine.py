@@ -1,0 +1,326 @@
+"""The engine: the only component that talks to both the store and the state machines.
+
+It claims due transactions (leases with fencing tokens), asks the transaction's state
+machine what to do, calls branches through `BranchCaller`, and writes the results back
+with compare-and-set transitions. Any number of engines may share one store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Coroutine, Mapping
+from dataclasses import replace
+from typing import Any
+
+from coordinator.engine.caller import BranchCaller
+from coordinator.errors import LeaseLost, NotFound, StatusConflict
+from coordinator.machines.base import (
+    SUCCESS,
+    Defaults,
+    Machine,
+    Outcome,
+    Plan,
+    Retry,
+    base_interval,
+    deadline_ms,
+    next_interval,
+)
+from coordinator.model import FINISHED, BranchStatus, Status, Trans
+from coordinator.settings import EngineSettings
+from coordinator.store.base import Store, Transition
+
+log = logging.getLogger("coordinator.engine")
+
+
+class Engine:
+    def __init__(
+        self,
+        store: Store,
+        caller: BranchCaller,
+        machines: Mapping[str, Machine],
+        settings: EngineSettings,
+    ) -> None:
+        self.store = store
+        self.caller = caller
+        self.machines = machines
+        self.settings = settings
+        self.defaults: Defaults = settings.defaults()
+        self.instance = uuid.uuid4().hex[:12]
+        self._counter = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._next_partition = 0
+        self.stats = {"claimed": 0, "finished": 0, "branch_calls": 0, "conflicts": 0}
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loops = [
+            asyncio.create_task(self._poll_loop(), name="coordinator-poll"),
+            asyncio.create_task(self._sweep_loop(), name="coordinator-sweep"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop claiming, give in-flight work the grace period, then cancel the rest.
+
+        Cancelled work is not lost: its lease runs out and another engine (or this
+        one, restarted) claims it again.
+        """
+        self._stopping.set()
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=self.settings.shutdown_grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
+    def has_capacity(self) -> bool:
+        return not self._stopping.is_set() and self.active < self.settings.concurrency
+
+    def new_token(self) -> str:
+        return f"{self.instance}:{next(self._counter)}"
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self.settings.lease_seconds * 1000)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- claiming -------------------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        while not self._stopping.is_set():
+            claimed = 0
+            try:
+                claimed = await self.poll_once()
+            except Exception:  # Redis away: keep trying, the work is safe in Redis
+                log.exception("claiming due transactions failed")
+            if claimed == 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval)
+
+    async def poll_once(self) -> int:
+        """Claim due work from every partition, as much as there are free workers."""
+        total = 0
+        count = self.store.partitions
+        start = self._next_partition
+        self._next_partition = (start + 1) % count
+        for i in range(count):
+            free = self.settings.concurrency - self.active
+            if free <= 0 or self._stopping.is_set():
+                break
+            partition = (start + i) % count
+            for item in await self.store.claim(partition, free, self.new_token()):
+                total += 1
+                self.spawn(self._run(item.trans, item.token, item.now))
+        self.stats["claimed"] += total
+        return total
+
+    async def _sweep_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.sweep_interval)
+            try:
+                for partition in range(self.store.partitions):
+                    await self.store.sweep(partition)
+            except Exception:
+                log.exception("sweeping expired index entries failed")
+
+    # -- driving one transaction ----------------------------------------------------------
+
+    async def _run(self, trans: Trans, token: str, now_ms: int) -> Trans:
+        try:
+            return await Run(self, trans, token, now_ms).drive()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("processing %s failed; it is retried when its lease ends", trans.gid)
+            return trans
+
+    async def create_and_run(self, trans: Trans, *, due_in_ms: int) -> asyncio.Task[Trans] | None:
+        """Store a new transaction and, if this engine has room, start driving it now.
+
+        Without room it is stored unowned and due at once, so any engine claims it.
+        """
+        if self.has_capacity():
+            token = self.new_token()
+            now = await self.store.create(
+                trans, due_in_ms=due_in_ms, owner=token, lease_ms=self.lease_ms
+            )
+            stored = replace(trans, create_time=now, update_time=now, owner=token)
+            return self.spawn(self._run(stored, token, now))
+        await self.store.create(trans, due_in_ms=due_in_ms)
+        return None
+
+    async def take_over(self, gid: str, expected: frozenset[Status], new_status: Status,
+                        fields: Mapping[str, str] | None = None) -> asyncio.Task[Trans] | None:
+        """Change an existing transaction's status by API and drive it if the lease is free."""
+        token = self.new_token()
+        lease = f"acquire:{token}" if self.has_capacity() else ""
+        result = await self.store.transition(
+            gid,
+            Transition(
+                expected=expected, new_status=new_status, fields=fields or {},
+                next_due_ms=0, lease=lease, lease_ms=self.lease_ms,
+            ),
+        )
+        if result.status in FINISHED or not result.acquired:
+            return None
+        trans = await self.store.load(gid)
+        if trans is None:
+            return None
+        return self.spawn(self._run(trans, token, result.now))
+
+
+class Run:
+    """One worker's hold on one transaction, from claim to release or finish."""
+
+    def __init__(self, engine: Engine, trans: Trans, token: str, now_ms: int) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.trans = trans
+        self.token = token
+        self.machine = engine.machines[trans.trans_type]
+        self.defaults = engine.defaults
+        self._clock_base = (now_ms, time.monotonic())
+        # The lease was granted at the store's `now_ms`; count from before we knew it.
+        self._lease_until = time.monotonic() + engine.lease_ms / 1000 - 0.5
+        self.pending: dict[str, BranchStatus] = {}
+        self.pending_fields: dict[str, str] = {}
+
+    def now(self) -> int:
+        base_ms, base_mono = self._clock_base
+        return base_ms + int((time.monotonic() - base_mono) * 1000)
+
+    async def drive(self) -> Trans:
+        while True:
+            if self.trans.status in FINISHED:
+                return self.trans
+            plan = self.machine.plan(self.trans, self.now(), self.defaults)
+            if plan.new_status is not None:
+                if not await self._move(plan.new_status, plan.reason):
+                    return self.trans
+                continue
+            if not plan.calls:
+                await self._release(plan.wake_at_ms)
+                return self.trans
+            if not await self._call(plan):
+                return self.trans
+
+    async def _call(self, plan: Plan) -> bool:
+        """Run one round of branch calls; False when this run is over."""
+        local = [b for b in plan.calls if not b.url]
+        if local:
+            # Empty URLs succeed without a call; record them with the next write.
+            outcomes: dict[str, Outcome] = {b.key: SUCCESS for b in local}
+        else:
+            # Results are written before the next round of calls starts (so a crash
+            # repeats at most one round), and the lease must outlast the calls.
+            needed = (self.trans.options.request_timeout or self.defaults.request_timeout) + 1
+            must_write = bool(self.pending or self.pending_fields) or (
+                self._lease_until - time.monotonic() < needed
+            )
+            if must_write and not await self._write(lease="renew"):
+                return False
+            self.engine.stats["branch_calls"] += len(plan.calls)
+            results = await asyncio.gather(
+                *(self.engine.caller.call(self.trans, b) for b in plan.calls)
+            )
+            outcomes = {b.key: r for b, r in zip(plan.calls, results, strict=True)}
+        verdict = self.machine.absorb(self.trans, outcomes, self.now(), self.defaults)
+        self.trans = self.trans.with_branches(dict(verdict.branch_updates))
+        self.pending.update(verdict.branch_updates)
+        self.pending_fields.update(verdict.fields)
+        if "retry_count" in verdict.fields:
+            self.trans = replace(self.trans, retry_count=int(verdict.fields["retry_count"]))
+        if verdict.new_status is not None:
+            return await self._move(verdict.new_status, verdict.reason)
+        if verdict.retry is not Retry.NONE:
+            interval = next_interval(self.trans, verdict.retry, self.defaults)
+            self.pending_fields["next_cron_interval"] = str(interval)
+            due = self.now() + interval * 1000
+            deadline = deadline_ms(self.trans, self.defaults)
+            if self.trans.status is Status.SUBMITTED and deadline is not None:
+                due = min(due, max(deadline, self.now()))
+            await self._release(due)
+            return False
+        base = base_interval(self.trans, self.defaults)
+        if self.trans.next_cron_interval not in (0, base):
+            self.pending_fields["next_cron_interval"] = str(base)
+            self.trans = replace(self.trans, next_cron_interval=base)
+        return True
+
+    async def _move(self, status: Status, reason: str) -> bool:
+        if reason:
+            self.pending_fields["rollback_reason"] = reason
+        ok = await self._write(new_status=status, lease="renew")
+        if ok:
+            self.trans = replace(self.trans, status=status, rollback_reason=reason or
+                                 self.trans.rollback_reason)
+            if status in FINISHED:
+                self.engine.stats["finished"] += 1
+        return ok and status not in FINISHED
+
+    async def _release(self, wake_at_ms: int | None) -> None:
+        if wake_at_ms is None:
+            wake_at_ms = self.now() + next_interval(self.trans, Retry.KEEP, self.defaults) * 1000
+        await self._write(lease="release", next_due_ms=max(0, wake_at_ms - self.now()))
+
+    async def _write(
+        self, *, new_status: Status | None = None, lease: str, next_due_ms: int | None = None
+    ) -> bool:
+        """Write pending results under our lease; False if the transaction moved on."""
+        timeout = self.trans.options.request_timeout or self.defaults.request_timeout
+        lease_ms = max(self.engine.lease_ms, (timeout * 2 + 5) * 1000)
+        sent = time.monotonic()
+        try:
+            result = await self.store.transition(
+                self.trans.gid,
+                Transition(
+                    expected=frozenset({self.trans.status}),
+                    new_status=new_status,
+                    owner=self.token,
+                    fields=self.pending_fields,
+                    branch_updates=self.pending,
+                    next_due_ms=next_due_ms,
+                    lease=lease,
+                    lease_ms=lease_ms,
+                ),
+            )
+        except StatusConflict:
+            # An API call (abort, forceStop, submit) changed the status under us. Our
+            # lease still fences other workers, so reload and carry on from the new state.
+            self.engine.stats["conflicts"] += 1
+            fresh = await self.store.load(self.trans.gid)
+            self.pending.clear()
+            self.pending_fields.clear()
+            if fresh is None or fresh.owner != self.token:
+                return False
+            self.trans = fresh
+            return fresh.status not in FINISHED
+        except (LeaseLost, NotFound):
+            self.engine.stats["conflicts"] += 1
+            return False
+        self.pending = {}
+        self.pending_fields = {}
+        self._clock_base = (result.now, time.monotonic())
+        if lease == "renew":
+            self._lease_until = sent + lease_ms / 1000
+        self.trans = replace(self.trans, status=result.status, update_time=result.now)
+        return True

@@ -1,0 +1,91 @@
+"""The Redis key layout, in one place.
+
+Every key of one transaction carries the same hash tag, ``{pN}``, where N is the
+transaction's partition. The partition's due-index and listing index carry the same
+tag, so a transition that touches the transaction and the indexes is one script in one
+slot, and the same code runs on Redis Cluster: partitions spread over its nodes.
+
+A participant that keeps its own data in this Redis (flash-sale stock) co-locates it
+with its transactions by using the partition's tag in its keys and a gid that names
+the partition explicitly, written like a Redis hash tag: ``{3}order-42``.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+_EXPLICIT = re.compile(r"\{(\d{1,5})\}")
+
+
+def partition_of(gid: str, partitions: int) -> int:
+    """The partition a gid belongs to: an explicit ``{N}`` tag if present, else a hash."""
+    match = _EXPLICIT.search(gid)
+    if match is not None and int(match.group(1)) < partitions:
+        return int(match.group(1))
+    return zlib.crc32(gid.encode()) % partitions
+
+
+def tag(partition: int) -> str:
+    """The hash tag shared by all keys of one partition."""
+    return f"{{p{partition}}}"
+
+
+@dataclass(frozen=True)
+class TransKeys:
+    """The keys of one transaction, in the order every transition script takes them."""
+
+    trans: str
+    branches: str
+    due: str
+    created: str
+    expiry: str
+
+    def as_list(self) -> list[str]:
+        return [self.trans, self.branches, self.due, self.created, self.expiry]
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """Builds key names for one deployment (one prefix, one partition count)."""
+
+    prefix: str = "coord"
+    partitions: int = 16
+
+    def partition(self, gid: str) -> int:
+        return partition_of(gid, self.partitions)
+
+    def trans_prefix(self, partition: int) -> str:
+        """What a transaction key starts with; scripts append the gid."""
+        return f"{self.prefix}:trans:{tag(partition)}:"
+
+    def branches_prefix(self, partition: int) -> str:
+        return f"{self.prefix}:branches:{tag(partition)}:"
+
+    def due(self, partition: int) -> str:
+        return f"{self.prefix}:due:{tag(partition)}"
+
+    def created(self, partition: int) -> str:
+        return f"{self.prefix}:created:{tag(partition)}"
+
+    def expiry(self, partition: int) -> str:
+        return f"{self.prefix}:expiry:{tag(partition)}"
+
+    def for_gid(self, gid: str) -> TransKeys:
+        p = self.partition(gid)
+        return TransKeys(
+            trans=self.trans_prefix(p) + gid,
+            branches=self.branches_prefix(p) + gid,
+            due=self.due(p),
+            created=self.created(p),
+            expiry=self.expiry(p),
+        )
+
+    def partition_keys(self, partition: int) -> list[str]:
+        """KEYS for the per-partition scripts (claim, sweep)."""
+        return [self.due(partition), self.created(partition), self.expiry(partition)]
+
+    def kv(self, cat: str) -> str:
+        """Key-value records (topics); small and global, kept in one slot."""
+        return f"{self.prefix}:kv:{{kv}}:{cat}"

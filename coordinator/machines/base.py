@@ -1,0 +1,112 @@
+"""Shared vocabulary of the state machines.
+
+A state machine is a pair of pure functions over plain values: `plan` looks at a
+transaction (with its branches) and the current time and says what to do next;
+`absorb` turns the outcomes of branch calls into branch statuses and, perhaps, a new
+global status. Neither performs I/O nor reads a clock; the engine supplies `now_ms`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from coordinator.model import Branch, BranchStatus, Status, Trans
+
+
+class OutcomeKind(enum.StrEnum):
+    SUCCESS = "success"
+    FAILURE = "failure"  # the business said no (409 or FAILURE in the body)
+    ONGOING = "ongoing"  # not yet (425 or ONGOING in the body): retry, same interval
+    ERROR = "error"  # anything else: retry with a doubled interval
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: OutcomeKind
+    message: str = ""
+
+
+SUCCESS = Outcome(OutcomeKind.SUCCESS)
+
+
+class Retry(enum.IntEnum):
+    """How the next attempt is scheduled; the strongest wins within one round."""
+
+    NONE = 0
+    KEEP = 1
+    BACKOFF = 2
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Server-wide defaults that a transaction's own options override."""
+
+    retry_interval: int = 10
+    max_retry_interval: int = 3600
+    timeout_to_fail: int = 35  # tcc, xa and msg in prepared; sagas have none unless set
+    request_timeout: int = 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The next step: change the global status, or call these branches, or wait."""
+
+    new_status: Status | None = None
+    reason: str = ""
+    calls: tuple[Branch, ...] = ()
+    # With nothing to do now: the time to look again (None: only when poked).
+    wake_at_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a round of branch outcomes means."""
+
+    branch_updates: Mapping[str, BranchStatus] = field(default_factory=dict)
+    new_status: Status | None = None
+    reason: str = ""
+    retry: Retry = Retry.NONE
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+
+class Machine(Protocol):
+    def plan(self, trans: Trans, now_ms: int, defaults: Defaults) -> Plan: ...
+
+    def absorb(
+        self, trans: Trans, outcomes: Mapping[str, Outcome], now_ms: int, defaults: Defaults
+    ) -> Verdict: ...
+
+
+def base_interval(trans: Trans, defaults: Defaults) -> int:
+    return trans.options.retry_interval or defaults.retry_interval
+
+
+def next_interval(trans: Trans, retry: Retry, defaults: Defaults) -> int:
+    """Seconds until the next attempt: kept on ongoing, doubled on error."""
+    base = base_interval(trans, defaults)
+    current = trans.next_cron_interval or base
+    if retry is Retry.BACKOFF:
+        return min(max(current * 2, base), max(defaults.max_retry_interval, base))
+    if retry is Retry.KEEP:
+        return current
+    return base
+
+
+def timeout_of(trans: Trans, defaults: Defaults) -> int:
+    """Seconds after creation at which the transaction gives up (0: never)."""
+    if trans.options.timeout_to_fail:
+        return trans.options.timeout_to_fail
+    return 0 if trans.trans_type == "saga" else defaults.timeout_to_fail
+
+
+def deadline_ms(trans: Trans, defaults: Defaults) -> int | None:
+    timeout = timeout_of(trans, defaults)
+    return trans.create_time + timeout * 1000 if timeout else None
+
+
+def is_timed_out(trans: Trans, now_ms: int, defaults: Defaults) -> bool:
+    deadline = deadline_ms(trans, defaults)
+    return deadline is not None and now_ms >= deadline

@@ -1,0 +1,182 @@
+"""The saga state machine (pure).
+
+Layout: step i (0-based) is branch id ``%02d % (i+1)`` with two records, compensate then
+action, as dtm reports them. Actions run in order, or, when concurrent, as soon as the
+steps listed in ``orders`` succeeded. A FAILURE from an action, a timeout or an exhausted
+retry limit moves the saga to aborting; then every action that may have started gets
+its compensation, in reverse order of the prerequisites, and the saga ends failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from coordinator.machines.base import (
+    Defaults,
+    Outcome,
+    OutcomeKind,
+    Plan,
+    Retry,
+    Verdict,
+    is_timed_out,
+    timeout_of,
+)
+from coordinator.model import Branch, BranchStatus, Op, Status, Trans
+
+
+@dataclass(frozen=True)
+class Ordering:
+    """Which steps must succeed before each step's action may run."""
+
+    concurrent: bool
+    prerequisites: Mapping[int, tuple[int, ...]]
+
+    def before(self, step: int) -> tuple[int, ...]:
+        if not self.concurrent:
+            return (step - 1,) if step > 0 else ()
+        return self.prerequisites.get(step, ())
+
+    def after(self, step: int, count: int) -> tuple[int, ...]:
+        """Steps whose action depends on this one (they roll back first)."""
+        return tuple(s for s in range(count) if step in self.before(s))
+
+
+def parse_ordering(custom_data: str, concurrent_option: bool, steps: int) -> Ordering:
+    """Read ``{"concurrent": bool, "orders": {"1": [0]}}``; raises ValueError if invalid."""
+    concurrent = concurrent_option
+    prerequisites: dict[int, tuple[int, ...]] = {}
+    if custom_data:
+        try:
+            data = orjson.loads(custom_data)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError("custom_data is not valid JSON") from exc
+        if not isinstance(data, dict):
+            raise ValueError("custom_data must be a JSON object")
+        concurrent = concurrent or bool(data.get("concurrent", False))
+        orders = data.get("orders") or {}
+        if not isinstance(orders, dict):
+            raise ValueError("custom_data.orders must be an object")
+        for key, pres in orders.items():
+            step = int(key)
+            if not isinstance(pres, list) or not all(isinstance(p, int) for p in pres):
+                raise ValueError(f"custom_data.orders[{key}] must be a list of step indexes")
+            if not (0 <= step < steps) or any(not (0 <= p < steps) or p == step for p in pres):
+                raise ValueError(f"custom_data.orders[{key}] names a step out of range")
+            prerequisites[step] = tuple(pres)
+    return Ordering(concurrent, prerequisites)
+
+
+def branches_for(steps: Sequence[Mapping[str, str]]) -> tuple[Branch, ...]:
+    out: list[Branch] = []
+    for i, step in enumerate(steps):
+        bid = f"{i + 1:02d}"
+        out.append(Branch(bid, Op.COMPENSATE, step.get("compensate") or ""))
+        out.append(Branch(bid, Op.ACTION, step.get("action") or ""))
+    return tuple(out)
+
+
+class _Steps:
+    """Index of a saga's branches by step."""
+
+    def __init__(self, trans: Trans) -> None:
+        self.actions: list[Branch] = []
+        self.compensations: list[Branch] = []
+        for b in trans.branches:
+            (self.actions if b.op is Op.ACTION else self.compensations).append(b)
+        self.actions.sort(key=lambda b: b.branch_id)
+        self.compensations.sort(key=lambda b: b.branch_id)
+        self.order = parse_ordering(
+            trans.custom_data, trans.options.concurrent, len(self.actions)
+        )
+
+    def runnable(self, step: int) -> bool:
+        return all(
+            self.actions[p].status is BranchStatus.SUCCEED for p in self.order.before(step)
+        )
+
+    def may_have_started(self, step: int) -> bool:
+        # An action counts as started once it has an answer, or once it was allowed to
+        # run: a crash may have lost the record of a call that did reach the service.
+        return self.actions[step].status is not BranchStatus.PREPARED or self.runnable(step)
+
+    def rolled_back(self, step: int) -> bool:
+        return (
+            self.compensations[step].status is BranchStatus.SUCCEED
+            or not self.may_have_started(step)
+        )
+
+
+class SagaMachine:
+    def plan(self, trans: Trans, now_ms: int, defaults: Defaults) -> Plan:
+        if trans.status is Status.SUBMITTED:
+            return self._plan_forward(trans, now_ms, defaults)
+        if trans.status is Status.ABORTING:
+            return self._plan_backward(trans)
+        return Plan()
+
+    def _plan_forward(self, trans: Trans, now_ms: int, defaults: Defaults) -> Plan:
+        steps = _Steps(trans)
+        if any(a.status is BranchStatus.FAILED for a in steps.actions):
+            return Plan(Status.ABORTING, trans.rollback_reason or "a saga action failed")
+        if all(a.status is BranchStatus.SUCCEED for a in steps.actions):
+            return Plan(Status.SUCCEED)
+        if is_timed_out(trans, now_ms, defaults):
+            return Plan(
+                Status.ABORTING, f"Timeout after {timeout_of(trans, defaults)} seconds"
+            )
+        calls = tuple(
+            a
+            for i, a in enumerate(steps.actions)
+            if a.status is BranchStatus.PREPARED and steps.runnable(i)
+        )
+        return Plan(calls=calls)
+
+    def _plan_backward(self, trans: Trans) -> Plan:
+        steps = _Steps(trans)
+        count = len(steps.actions)
+        pending = [i for i in range(count) if not steps.rolled_back(i)]
+        if not pending:
+            return Plan(Status.FAILED)
+        calls = tuple(
+            steps.compensations[i]
+            for i in reversed(pending)
+            if all(steps.rolled_back(later) for later in steps.order.after(i, count))
+        )
+        return Plan(calls=calls)
+
+    def absorb(
+        self, trans: Trans, outcomes: Mapping[str, Outcome], now_ms: int, defaults: Defaults
+    ) -> Verdict:
+        updates: dict[str, BranchStatus] = {}
+        failures: list[str] = []
+        retry = Retry.NONE
+        actions_pending = False
+        by_key = {b.key: b for b in trans.branches}
+        for key, outcome in outcomes.items():
+            branch = by_key[key]
+            if outcome.kind is OutcomeKind.SUCCESS:
+                updates[key] = BranchStatus.SUCCEED
+            elif outcome.kind is OutcomeKind.FAILURE and branch.op is Op.ACTION:
+                # Only an action may fail; a failing compensation is retried until it
+                # succeeds, since the saga cannot be undone otherwise.
+                updates[key] = BranchStatus.FAILED
+                failures.append(
+                    f"branch {branch.branch_id} action {branch.url} failed: {outcome.message}"
+                )
+            else:
+                kind = Retry.KEEP if outcome.kind is OutcomeKind.ONGOING else Retry.BACKOFF
+                retry = max(retry, kind)
+                actions_pending = actions_pending or branch.op is Op.ACTION
+        if failures and trans.status is Status.SUBMITTED:
+            return Verdict(updates, Status.ABORTING, "; ".join(failures))
+        fields: dict[str, str] = {}
+        if retry and actions_pending and trans.options.retry_limit > 0:
+            count = trans.retry_count + 1
+            fields["retry_count"] = str(count)
+            if count > trans.options.retry_limit:
+                reason = f"retry limit {trans.options.retry_limit} exceeded"
+                return Verdict(updates, Status.ABORTING, reason, Retry.NONE, fields)
+        return Verdict(updates, None, "", retry, fields)

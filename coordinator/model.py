@@ -1,0 +1,126 @@
+"""The transaction and branch records, as the engine and the state machines see them.
+
+These are plain frozen values. The store builds them from Redis hashes and the state
+machines read them; neither side reaches into the other.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+
+class Status(enum.StrEnum):
+    """Global transaction statuses, spelled as dtm spells them on the wire."""
+
+    PREPARED = "prepared"
+    SUBMITTED = "submitted"
+    ABORTING = "aborting"
+    SUCCEED = "succeed"
+    FAILED = "failed"
+
+
+FINISHED: frozenset[Status] = frozenset({Status.SUCCEED, Status.FAILED})
+UNFINISHED: frozenset[Status] = frozenset(set(Status) - FINISHED)
+
+
+class BranchStatus(enum.StrEnum):
+    PREPARED = "prepared"
+    SUCCEED = "succeed"
+    FAILED = "failed"
+
+
+class Op(enum.StrEnum):
+    ACTION = "action"
+    COMPENSATE = "compensate"
+    TRY = "try"
+    CONFIRM = "confirm"
+    CANCEL = "cancel"
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+    MSG = "msg"
+
+
+TRANS_TYPES: frozenset[str] = frozenset({"saga", "msg", "tcc", "xa", "workflow"})
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-transaction options (dtm's TransOptions). Zero means "use the server default"."""
+
+    wait_result: bool = False
+    timeout_to_fail: int = 0
+    request_timeout: int = 0
+    retry_interval: int = 0
+    retry_limit: int = 0
+    branch_headers: dict[str, str] = field(default_factory=dict)
+    concurrent: bool = False
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branch operation: a (branch_id, op) pair with the URL to call."""
+
+    branch_id: str
+    op: Op
+    url: str
+    status: BranchStatus = BranchStatus.PREPARED
+    # Only branches registered at run time (tcc, xa, workflow) carry their own body;
+    # saga and msg branches read theirs from the transaction's payloads.
+    data: str = ""
+    seq: int = 0
+    create_time: int = 0
+    update_time: int = 0
+    finish_time: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.branch_id}:{self.op.value}"
+
+
+@dataclass(frozen=True)
+class Trans:
+    """A global transaction with its branches, as read from the store."""
+
+    gid: str
+    trans_type: str
+    status: Status
+    steps: tuple[dict[str, str], ...] = ()
+    payloads: tuple[str, ...] = ()
+    branches: tuple[Branch, ...] = ()
+    custom_data: str = ""
+    query_prepared: str = ""
+    protocol: str = "http"
+    rollback_reason: str = ""
+    result: str = ""
+    options: Options = Options()
+    ext_headers: dict[str, str] = field(default_factory=dict)
+    create_time: int = 0  # all times are milliseconds since the epoch (Redis clock)
+    update_time: int = 0
+    finish_time: int = 0
+    rollback_time: int = 0
+    next_cron_interval: int = 0  # seconds
+    next_cron_time: int = 0
+    retry_count: int = 0
+    owner: str = ""
+
+    def with_branches(self, updates: dict[str, BranchStatus]) -> Trans:
+        """A copy with some branch statuses changed (keys are `Branch.key`)."""
+        if not updates:
+            return self
+        return replace(
+            self,
+            branches=tuple(
+                replace(b, status=updates[b.key]) if b.key in updates else b
+                for b in self.branches
+            ),
+        )
+
+    def payload_of(self, branch: Branch) -> str:
+        """The body sent with a branch call."""
+        if branch.data:
+            return branch.data
+        index = int(branch.branch_id[:2]) - 1 if branch.branch_id[:2].isdigit() else -1
+        if 0 <= index < len(self.payloads):
+            return self.payloads[index]
+        return ""

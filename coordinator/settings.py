@@ -1,0 +1,189 @@
+"""Settings: one frozen dataclass tree, from defaults, a TOML file, env vars and flags.
+
+Precedence, lowest first: built-in defaults, the config file (``--config`` or
+``COORDINATOR_CONFIG``), ``COORDINATOR_*`` environment variables, command-line flags.
+Every value is checked once at start-up; a bad one stops the server with a message
+naming it, rather than surfacing later as an odd failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.machines.base import Defaults
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 36789
+    max_body_bytes: int = 1 << 20
+    # Longest a submit with wait_result waits for the outcome before answering ONGOING.
+    wait_result_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    # Empty: start a private redis-server with AOF persistence in data_dir.
+    url: str = ""
+    data_dir: str = ".coordinator"
+    key_prefix: str = "coord"
+    partitions: int = 16
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    concurrency: int = 512
+    poll_interval: float = 0.2
+    lease_seconds: float = 15.0
+    finished_ttl: int = 86_400
+    shutdown_grace: float = 10.0
+    retry_interval: int = 10
+    max_retry_interval: int = 3600
+    timeout_to_fail: int = 35
+    request_timeout: int = 3
+    sweep_interval: float = 30.0
+
+    def defaults(self) -> Defaults:
+        return Defaults(
+            retry_interval=self.retry_interval,
+            max_retry_interval=self.max_retry_interval,
+            timeout_to_fail=self.timeout_to_fail,
+            request_timeout=self.request_timeout,
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+    @classmethod
+    def load(
+        cls,
+        config_file: str | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Build settings; `overrides` maps "section.name" to a value (from flags)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        path = config_file or env.get("COORDINATOR_CONFIG")
+        if path:
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise SettingsError(f"cannot read config file {path}: {exc}") from exc
+            for section, items in data.items():
+                if not isinstance(items, dict):
+                    raise SettingsError(f"config file {path}: [{section}] must be a table")
+                for name, value in items.items():
+                    values[f"{section}.{name}"] = value
+        for key, (section, name) in _ENV_NAMES.items():
+            if key in env:
+                values[f"{section}.{name}"] = env[key]
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = value
+        return cls._build(values)
+
+    @classmethod
+    def _build(cls, values: Mapping[str, Any]) -> Settings:
+        sections: dict[str, Any] = {}
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key in values:
+            section, _, name = key.partition(".")
+            if section not in known or name not in _field_types(section):
+                raise SettingsError(f"unknown setting '{key}'")
+        for f in dataclasses.fields(cls):
+            sub_cls = _SECTIONS[f.name]
+            kwargs = {}
+            for sub in dataclasses.fields(sub_cls):
+                key = f"{f.name}.{sub.name}"
+                if key in values:
+                    kwargs[sub.name] = _cast(key, values[key], type(getattr(sub_cls(), sub.name)))
+            sections[f.name] = sub_cls(**kwargs)
+        settings = cls(**sections)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        checks = [
+            (0 < self.server.port < 65536, "server.port must be 1..65535"),
+            (self.server.max_body_bytes >= 1024, "server.max_body_bytes must be >= 1024"),
+            (1 <= self.redis.partitions <= 4096, "redis.partitions must be 1..4096"),
+            (bool(self.redis.key_prefix), "redis.key_prefix must not be empty"),
+            (self.engine.concurrency >= 1, "engine.concurrency must be >= 1"),
+            (self.engine.poll_interval > 0, "engine.poll_interval must be > 0"),
+            (
+                self.engine.lease_seconds >= self.engine.request_timeout + 2,
+                "engine.lease_seconds must exceed engine.request_timeout by 2 s or more",
+            ),
+            (self.engine.retry_interval >= 1, "engine.retry_interval must be >= 1"),
+            (self.engine.request_timeout >= 1, "engine.request_timeout must be >= 1"),
+            (self.engine.finished_ttl >= 1, "engine.finished_ttl must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "redis": RedisSettings,
+    "engine": EngineSettings,
+}
+
+
+def _field_types(section: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(_SECTIONS[section])}
+
+
+# COORDINATOR_<NAME> for the common ones, COORDINATOR_<SECTION>_<NAME> for every one.
+_ENV_NAMES: dict[str, tuple[str, str]] = {
+    "COORDINATOR_HOST": ("server", "host"),
+    "COORDINATOR_PORT": ("server", "port"),
+    "COORDINATOR_REDIS_URL": ("redis", "url"),
+    "COORDINATOR_DATA_DIR": ("redis", "data_dir"),
+}
+for _section, _cls in _SECTIONS.items():
+    for _f in dataclasses.fields(_cls):
+        _ENV_NAMES[f"COORDINATOR_{_section.upper()}_{_f.name.upper()}"] = (_section, _f.name)
+
+
+def _cast(key: str, value: Any, kind: type[Any]) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"setting '{key}': cannot read {value!r} as {kind.__name__}") from exc
+
+
+def env_names() -> dict[str, str]:
+    """Environment variable → setting, for the README's table."""
+    return {k: f"{s}.{n}" for k, (s, n) in _ENV_NAMES.items()}

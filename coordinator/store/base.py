@@ -1,0 +1,108 @@
+"""The store contract: what the engine and the API need from persistent state.
+
+Every write is a compare-and-set: it names the statuses it expects to find and fails
+with a typed error (`StatusConflict`, `LeaseLost`, `NotFound`, `AlreadyExists`) when the
+stored transaction disagrees. A second backend passes by implementing this class and
+running `tests/store_contract.py` against it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from coordinator.model import BranchStatus, Status, Trans
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One compare-and-set change of a transaction.
+
+    lease: ``"renew"`` (the owner keeps working), ``"release"`` (the owner is done until
+    ``next_due_ms``), ``"acquire:<token>"`` (take the lease if it is free) or ``""``.
+    """
+
+    expected: frozenset[Status]
+    new_status: Status | None = None
+    owner: str = ""
+    fields: Mapping[str, str] = field(default_factory=dict)
+    branch_updates: Mapping[str, BranchStatus] = field(default_factory=dict)
+    next_due_ms: int | None = None
+    lease: str = ""
+    lease_ms: int = 0
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    status: Status
+    now: int
+    acquired: bool
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A transaction leased to a worker; every write it makes must carry `token`."""
+
+    trans: Trans
+    token: str
+    now: int
+
+
+@dataclass(frozen=True)
+class Page:
+    transactions: list[Trans]
+    next_position: str
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    status: str = ""
+    trans_type: str = ""
+    create_from_ms: int = 0
+    create_to_ms: int = 0
+
+
+class Store(abc.ABC):
+    """Persistent transaction state. Implementations must be safe for many processes."""
+
+    partitions: int
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepare the backend (load scripts, check the layout)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def create(
+        self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
+    ) -> int:
+        """Store a new transaction; return the store's clock (ms). Raises AlreadyExists."""
+
+    @abc.abstractmethod
+    async def transition(self, gid: str, change: Transition) -> TransitionResult:
+        """Apply one compare-and-set change."""
+
+    @abc.abstractmethod
+    async def load(self, gid: str) -> Trans | None:
+        """A consistent snapshot of one transaction with its branches."""
+
+    @abc.abstractmethod
+    async def claim(self, partition: int, limit: int, token_prefix: str) -> list[Claimed]:
+        """Lease up to `limit` due transactions of one partition."""
+
+    @abc.abstractmethod
+    async def list(self, position: str, limit: int, where: ListFilter) -> Page:
+        """Transactions newest first, `limit` at a time, resuming after `position`."""
+
+    @abc.abstractmethod
+    async def sweep(self, partition: int) -> int:
+        """Drop index entries of expired transactions; return how many."""
+
+    async def ping(self) -> bool:
+        return True
+
+    @staticmethod
+    def is_finished(status: Status | BranchStatus | str) -> bool:
+        return str(getattr(status, "value", status)) in ("succeed", "failed")

@@ -1,0 +1,133 @@
+"""Translation between `Trans`/`Branch` values and the strings kept in Redis hashes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from coordinator.model import Branch, BranchStatus, Op, Options, Status, Trans
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def pairs_to_dict(flat: Sequence[bytes | str]) -> dict[str, str]:
+    """HGETALL as returned inside a script reply: a flat [k, v, k, v, ...] list."""
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def options_to_json(options: Options) -> str:
+    data: dict[str, Any] = {}
+    for name in ("wait_result", "timeout_to_fail", "request_timeout", "retry_interval",
+                 "retry_limit", "concurrent"):
+        value = getattr(options, name)
+        if value:
+            data[name] = value
+    if options.branch_headers:
+        data["branch_headers"] = options.branch_headers
+    return orjson.dumps(data).decode()
+
+
+def options_from_json(raw: str) -> Options:
+    if not raw:
+        return Options()
+    data = orjson.loads(raw)
+    return Options(
+        wait_result=bool(data.get("wait_result", False)),
+        timeout_to_fail=int(data.get("timeout_to_fail", 0)),
+        request_timeout=int(data.get("request_timeout", 0)),
+        retry_interval=int(data.get("retry_interval", 0)),
+        retry_limit=int(data.get("retry_limit", 0)),
+        branch_headers=dict(data.get("branch_headers") or {}),
+        concurrent=bool(data.get("concurrent", False)),
+    )
+
+
+def trans_fields(trans: Trans) -> dict[str, str]:
+    """The hash fields `create` stores besides gid, status and the times it sets itself."""
+    fields = {
+        "trans_type": trans.trans_type,
+        "protocol": trans.protocol,
+        "options": options_to_json(trans.options),
+        "next_cron_interval": str(trans.next_cron_interval),
+    }
+    if trans.steps:
+        fields["steps"] = orjson.dumps(list(trans.steps)).decode()
+    if trans.payloads:
+        fields["payloads"] = orjson.dumps(list(trans.payloads)).decode()
+    for name in ("custom_data", "query_prepared", "rollback_reason", "result"):
+        value = getattr(trans, name)
+        if value:
+            fields[name] = value
+    if trans.ext_headers:
+        fields["ext"] = orjson.dumps({"headers": trans.ext_headers}).decode()
+    return fields
+
+
+def branch_to_json(branch: Branch) -> dict[str, str]:
+    out = {
+        "branch_id": branch.branch_id,
+        "op": branch.op.value,
+        "url": branch.url,
+        "status": branch.status.value,
+    }
+    if branch.data:
+        out["data"] = branch.data
+    return out
+
+
+def branches_json(branches: Sequence[Branch]) -> str:
+    return orjson.dumps([branch_to_json(b) for b in branches]).decode()
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def branch_from_json(raw: str) -> Branch:
+    data = orjson.loads(raw)
+    return Branch(
+        branch_id=data["branch_id"],
+        op=Op(data["op"]),
+        url=data.get("url", ""),
+        status=BranchStatus(data.get("status", "prepared")),
+        data=data.get("data", ""),
+        seq=_int(data.get("seq")),
+        create_time=_int(data.get("create_time")),
+        update_time=_int(data.get("update_time")),
+        finish_time=_int(data.get("finish_time")),
+    )
+
+
+def trans_from_hash(fields: Mapping[str, str], branch_fields: Mapping[str, str]) -> Trans:
+    branches = sorted((branch_from_json(v) for v in branch_fields.values()), key=lambda b: b.seq)
+    ext = orjson.loads(fields["ext"]) if fields.get("ext") else {}
+    return Trans(
+        gid=fields["gid"],
+        trans_type=fields.get("trans_type", ""),
+        status=Status(fields["status"]),
+        steps=tuple(orjson.loads(fields["steps"])) if fields.get("steps") else (),
+        payloads=tuple(orjson.loads(fields["payloads"])) if fields.get("payloads") else (),
+        branches=tuple(branches),
+        custom_data=fields.get("custom_data", ""),
+        query_prepared=fields.get("query_prepared", ""),
+        protocol=fields.get("protocol", "http"),
+        rollback_reason=fields.get("rollback_reason", ""),
+        result=fields.get("result", ""),
+        options=options_from_json(fields.get("options", "")),
+        ext_headers=dict(ext.get("headers") or {}),
+        create_time=_int(fields.get("create_time")),
+        update_time=_int(fields.get("update_time")),
+        finish_time=_int(fields.get("finish_time")),
+        rollback_time=_int(fields.get("rollback_time")),
+        next_cron_interval=_int(fields.get("next_cron_interval")),
+        next_cron_time=_int(fields.get("next_cron_time")),
+        retry_count=_int(fields.get("retry_count")),
+        owner=fields.get("owner", ""),
+    )

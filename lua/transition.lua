@@ -1,0 +1,122 @@
+-- transition
+-- Compare-and-set a transaction: check its status (and lease owner), then apply branch
+-- results, field changes and an optional new status, and reschedule or finish it.
+-- KEYS[1] = transaction hash
+-- KEYS[2] = branches hash
+-- KEYS[3] = due index (zset)
+-- KEYS[4] = listing index (zset)
+-- KEYS[5] = expiry index (zset)
+-- ARGV[1] = gid
+-- ARGV[2] = expected statuses, comma separated
+-- ARGV[3] = owner token the caller must hold, or "" (API calls hold no lease)
+-- ARGV[4] = new status, or "" to keep the current one
+-- ARGV[5] = JSON object of string fields to set on the transaction
+-- ARGV[6] = JSON object {"<branch_id>:<op>": "<branch status>"} of branch results
+-- ARGV[7] = ms from now until the transaction is next due, or "" to leave the index
+-- ARGV[8] = lease mode: "renew" (caller keeps working), "release" (caller is done),
+--           "acquire:<token>" (take the lease if nobody holds it), or "" (no lease)
+-- ARGV[9] = lease length in ms
+-- ARGV[10] = seconds a finished transaction is kept
+-- returns {"OK", status, now_ms, acquired ("1"/"0")}, {"NOT_FOUND"},
+--         {"CONFLICT", current_status} or {"LEASE_LOST", current_owner}
+
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  -- No index entry may outlive its transaction.
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return {'NOT_FOUND'}
+end
+
+local allowed = false
+for s in string.gmatch(ARGV[2], '[^,]+') do
+  if s == status then
+    allowed = true
+  end
+end
+if not allowed then
+  return {'CONFLICT', status}
+end
+
+local owner = redis.call('HGET', KEYS[1], 'owner') or ''
+if ARGV[3] ~= '' and owner ~= ARGV[3] then
+  return {'LEASE_LOST', owner}
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local snow = string.format('%d', now)
+
+for k, v in pairs(cjson.decode(ARGV[5])) do
+  redis.call('HSET', KEYS[1], k, v)
+end
+
+for key, bstatus in pairs(cjson.decode(ARGV[6])) do
+  local raw = redis.call('HGET', KEYS[2], key)
+  if raw then
+    local b = cjson.decode(raw)
+    b['status'] = bstatus
+    b['update_time'] = snow
+    if bstatus ~= 'prepared' then
+      b['finish_time'] = snow
+    end
+    redis.call('HSET', KEYS[2], key, cjson.encode(b))
+  end
+end
+
+local new = status
+if ARGV[4] ~= '' then
+  new = ARGV[4]
+end
+redis.call('HSET', KEYS[1], 'status', new, 'update_time', snow)
+
+if new == 'succeed' or new == 'failed' then
+  if new == 'succeed' then
+    redis.call('HSET', KEYS[1], 'finish_time', snow)
+  else
+    redis.call('HSET', KEYS[1], 'rollback_time', snow)
+  end
+  redis.call('HDEL', KEYS[1], 'owner', 'lease_until', 'next_cron_time')
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  -- Every key of the transaction expires at the same moment, set here in one script.
+  local ttl = tonumber(ARGV[10])
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  local member = redis.call('HGET', KEYS[1], 'created_member')
+  if member then
+    redis.call('ZADD', KEYS[5], now + ttl * 1000, member)
+  end
+  return {'OK', new, snow, '0'}
+end
+
+local lease_ms = tonumber(ARGV[9])
+local mode = ARGV[8]
+local acquired = '0'
+local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+local next_due = nil
+if ARGV[7] ~= '' then
+  next_due = now + tonumber(ARGV[7])
+  redis.call('HSET', KEYS[1], 'next_cron_time', string.format('%d', next_due))
+end
+
+if mode == 'renew' then
+  local until_ms = now + lease_ms
+  redis.call('HSET', KEYS[1], 'lease_until', string.format('%d', until_ms))
+  redis.call('ZADD', KEYS[3], until_ms, ARGV[1])
+elseif mode == 'release' then
+  redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
+  redis.call('ZADD', KEYS[3], next_due or now, ARGV[1])
+elseif string.sub(mode, 1, 8) == 'acquire:' then
+  if owner == '' or lease_until <= now then
+    local until_ms = now + lease_ms
+    redis.call('HSET', KEYS[1], 'owner', string.sub(mode, 9), 'lease_until',
+      string.format('%d', until_ms))
+    redis.call('ZADD', KEYS[3], until_ms, ARGV[1])
+    acquired = '1'
+  end
+elseif next_due then
+  -- An API call with no lease: reschedule, unless a live lease already owns the entry.
+  if owner == '' or lease_until <= now then
+    redis.call('ZADD', KEYS[3], next_due, ARGV[1])
+  end
+end
+return {'OK', new, snow, acquired}
