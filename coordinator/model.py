@@ -72,10 +72,17 @@ class Branch:
     create_time: int = 0
     update_time: int = 0
     finish_time: int = 0
+    # The op sent on the wire when it is not one of the fixed ops: a workflow's recovery
+    # call names the workflow.
+    wire_op: str = ""
 
     @property
     def key(self) -> str:
         return f"{self.branch_id}:{self.op.value}"
+
+    @property
+    def op_name(self) -> str:
+        return self.wire_op or self.op.value
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,8 @@ def _cast(key: str, value: Any, kind: type[Any]) -> Any:
                 return False
             raise ValueError(text)
         if kind is int:
-            if isinstance(value, bool):
+            # A TOML float (port = 4000.5) must not be truncated silently.
+            if isinstance(value, bool | float):
                 raise ValueError(value)
             return int(value)
         if kind is float:

@@ -10,19 +10,30 @@ import aiohttp
 from aiohttp import web
 
 from coordinator.api.envelope import error_middleware
-from coordinator.api.routes import ENGINE, SETTINGS, STORE, add_routes
+from coordinator.api.jsonrpc import handle_json_rpc
+from coordinator.api.routes import ENGINE, SERVICE, SETTINGS, STORE, add_routes
 from coordinator.embedded_redis import EmbeddedRedis
 from coordinator.engine.caller import BranchCaller
 from coordinator.engine.engine import Engine
 from coordinator.keys import KeySpace
 from coordinator.machines.base import Machine
+from coordinator.machines.msg import MsgMachine
 from coordinator.machines.saga import SagaMachine
+from coordinator.machines.tcc import TccMachine, XaMachine
+from coordinator.machines.workflow import WorkflowMachine
+from coordinator.service import Service
 from coordinator.settings import Settings
 from coordinator.store.redis_store import RedisStore
 
 log = logging.getLogger("coordinator")
 
-MACHINES: dict[str, Machine] = {"saga": SagaMachine()}
+MACHINES: dict[str, Machine] = {
+    "saga": SagaMachine(),
+    "msg": MsgMachine(),
+    "tcc": TccMachine(),
+    "xa": XaMachine(),
+    "workflow": WorkflowMachine(),
+}
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -32,6 +43,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
     add_routes(app)
+    app.router.add_post("/api/json-rpc", handle_json_rpc)
     return app
 
 
@@ -62,6 +74,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         engine = Engine(store, caller, MACHINES, settings.engine)
         app[STORE] = store
         app[ENGINE] = engine
+        app[SERVICE] = Service(engine, settings)
         engine.start()
         log.info("coordinator %s ready, store %s", engine.instance, _safe_url(url))
         yield

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from coordinator.errors import BadRequest
-from coordinator.machines import saga
+from coordinator.machines import msg, saga
 from coordinator.model import TRANS_TYPES, Branch, Options, Status, Trans
 
 GID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
@@ -134,14 +134,17 @@ def _steps(data: Mapping[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
     return steps, payloads
 
 
-def parse_gid_only(body: bytes) -> tuple[str, dict[str, Any]]:
-    data = load_object(body)
+def parse_gid_only(body: bytes | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    data = load_object(body) if isinstance(body, bytes) else dict(body)
     return check_gid(data.get("gid")), data
 
 
-def parse_trans(body: bytes, status: Status) -> TransRequest:
-    """Validate a prepare/submit body and build the transaction it describes."""
-    data = load_object(body)
+def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest:
+    """Validate a prepare/submit body and build the transaction it describes.
+
+    Message branches depend on topic subscriptions, so the service adds them.
+    """
+    data = load_object(body) if isinstance(body, bytes) else body
     gid = check_gid(data.get("gid"))
     trans_type = data.get("trans_type")
     if trans_type is None or trans_type == "":
@@ -174,6 +177,14 @@ def parse_trans(body: bytes, status: Status) -> TransRequest:
         except ValueError as exc:
             raise BadRequest(str(exc), "custom_data") from None
         branches = saga.branches_for(steps)
+    elif trans_type == "msg":
+        for i, step in enumerate(steps):
+            if set(step) - {"action"}:
+                raise BadRequest(f"steps[{i}] of a msg may only have an action", f"steps[{i}]")
+        try:
+            msg.delay_of(custom_data)
+        except ValueError as exc:
+            raise BadRequest(str(exc), "custom_data") from None
     req_extra = _string_map(data, "req_extra")
     trans = Trans(
         gid=gid,
@@ -189,3 +200,24 @@ def parse_trans(body: bytes, status: Status) -> TransRequest:
         options=options,
     )
     return TransRequest(trans, req_extra)
+
+
+BRANCH_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+
+
+def parse_register(body: bytes | Mapping[str, Any]) -> dict[str, str]:
+    """registerBranch takes a flat object of strings (gid, branch_id, trans_type, ...)."""
+    data = load_object(body) if isinstance(body, bytes) else dict(body)
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise BadRequest(f"{key} must be a string", key)
+        out[key] = value
+    check_gid(out.get("gid"))
+    if not BRANCH_ID.match(out.get("branch_id", "")):
+        raise BadRequest("branch_id must be 1-64 letters, digits, '-' or '_'", "branch_id")
+    if out.get("trans_type") not in ("tcc", "xa", "workflow"):
+        raise BadRequest("trans_type must be tcc, xa or workflow", "trans_type")
+    return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import aiohttp
+import orjson
+import yarl
 
 from coordinator.machines.base import SUCCESS, Outcome, OutcomeKind
 from coordinator.model import Branch, Trans
@@ -28,6 +30,8 @@ class BranchCaller:
         if not branch.url.startswith(("http://", "https://")):
             return Outcome(OutcomeKind.ERROR, f"unsupported branch URL {branch.url!r}")
         body = trans.payload_of(branch)
+        if trans.protocol == "json-rpc" and "method=" in branch.url:
+            return await self._call_json_rpc(trans, branch, body)
         method = "POST" if body or trans.trans_type == "xa" else "GET"
         headers = {"Content-Type": "application/json"}
         headers.update(trans.ext_headers)
@@ -36,7 +40,7 @@ class BranchCaller:
             "gid": trans.gid,
             "trans_type": trans.trans_type,
             "branch_id": branch.branch_id,
-            "op": branch.op.value,
+            "op": branch.op_name,
         }
         timeout = aiohttp.ClientTimeout(
             total=trans.options.request_timeout or self.default_timeout
@@ -54,6 +58,51 @@ class BranchCaller:
                 return classify(resp.status, text)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return Outcome(OutcomeKind.ERROR, f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE])
+
+
+    async def _call_json_rpc(self, trans: Trans, branch: Branch, body: str) -> Outcome:
+        """A branch that speaks JSON-RPC: the method comes from the URL's query string."""
+        url = yarl.URL(branch.url)
+        try:
+            params = orjson.loads(body) if body else {}
+        except orjson.JSONDecodeError:
+            params = {}
+        if not isinstance(params, dict):
+            params = {"data": params}
+        params.update(gid=trans.gid, trans_type=trans.trans_type,
+                      branch_id=branch.branch_id, op=branch.op_name)
+        request = {"jsonrpc": "2.0", "method": url.query.get("method", ""),
+                   "params": params, "id": f"{trans.gid}-{branch.key}"}
+        headers = {"Content-Type": "application/json", **trans.ext_headers,
+                   **trans.options.branch_headers}
+        timeout = aiohttp.ClientTimeout(
+            total=trans.options.request_timeout or self.default_timeout
+        )
+        try:
+            async with self.session.post(
+                branch.url, data=orjson.dumps(request), headers=headers, timeout=timeout
+            ) as resp:
+                text = await resp.text(errors="replace")
+                outcome = classify(resp.status, text)
+                if outcome.kind is not OutcomeKind.SUCCESS:
+                    return outcome
+                reply = orjson.loads(text) if text else {}
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return Outcome(OutcomeKind.ERROR, f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE])
+        error = reply.get("error") if isinstance(reply, dict) else None
+        if not error:
+            return SUCCESS
+        code = error.get("code") if isinstance(error, dict) else None
+        message = str(error)[:_MAX_MESSAGE]
+        if code == JSON_RPC_FAILURE:
+            return Outcome(OutcomeKind.FAILURE, message)
+        if code == JSON_RPC_ONGOING:
+            return Outcome(OutcomeKind.ONGOING, message)
+        return Outcome(OutcomeKind.ERROR, message)
+
+
+JSON_RPC_FAILURE = -32901
+JSON_RPC_ONGOING = -32902
 
 
 def classify(status: int, text: str) -> Outcome:

@@ -9,10 +9,10 @@ running `tests/store_contract.py` against it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from coordinator.model import BranchStatus, Status, Trans
+from coordinator.model import Branch, BranchStatus, Status, Trans
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,13 @@ class Claimed:
 class Page:
     transactions: list[Trans]
     next_position: str
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    subscribers: list[dict[str, str]]  # [{"url": ..., "remark": ...}]
+    version: int
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,27 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def sweep(self, partition: int) -> int:
         """Drop index entries of expired transactions; return how many."""
+
+    @abc.abstractmethod
+    async def register_branches(
+        self, gid: str, branches: Sequence[Branch], *, expected: frozenset[Status], upsert: bool
+    ) -> int:
+        """Add run-time branches (tcc, xa, workflow); return how many were new."""
+
+    @abc.abstractmethod
+    async def reset_due(self, partition: int, wait_ms: int, limit: int) -> tuple[int, bool]:
+        """Make entries due later than now + wait_ms due now; (count, more remain)."""
+
+    @abc.abstractmethod
+    async def change_topic(self, subscribe: bool, topic: str, url: str, remark: str) -> None:
+        """Subscribe or unsubscribe a URL. Raises AlreadyExists / NotFound."""
+
+    @abc.abstractmethod
+    async def topics(self) -> dict[str, Topic]:
+        """Every topic with its subscribers."""
+
+    @abc.abstractmethod
+    async def delete_topic(self, topic: str) -> bool: ...
 
     async def ping(self) -> bool:
         return True

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from coordinator.errors import raise_for_reply
+from coordinator.errors import AlreadyExists, NotFound, raise_for_reply
 from coordinator.keys import KeySpace
-from coordinator.model import Status, Trans
-from coordinator.store.base import Claimed, ListFilter, Page, Store, Transition, TransitionResult
+from coordinator.model import Branch, Status, Trans
+from coordinator.store.base import (
+    Claimed,
+    ListFilter,
+    Page,
+    Store,
+    Topic,
+    Transition,
+    TransitionResult,
+)
 from coordinator.store.codec import branches_json, pairs_to_dict, trans_fields, trans_from_hash
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
 
@@ -166,3 +175,47 @@ class RedisStore(Store):
                     break
             upper = "(" + cursor
         return Page(found, cursor)
+
+    async def register_branches(
+        self, gid: str, branches: Sequence[Branch], *, expected: frozenset[Status], upsert: bool
+    ) -> int:
+        keys = self.keys.for_gid(gid)
+        reply = await self.scripts["register"](
+            keys=[keys.trans, keys.branches],
+            args=[
+                gid,
+                ",".join(s.value for s in expected),
+                branches_json(branches),
+                "upsert" if upsert else "insert",
+            ],
+        )
+        raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", "register a branch")
+        return int(reply[2])
+
+    async def reset_due(self, partition: int, wait_ms: int, limit: int) -> tuple[int, bool]:
+        count, remaining = await self.scripts["reset_due"](
+            keys=[self.keys.due(partition)], args=[max(0, wait_ms), limit]
+        )
+        return int(count), remaining == "1"
+
+    async def change_topic(self, subscribe: bool, topic: str, url: str, remark: str) -> None:
+        reply = await self.scripts["topic"](
+            keys=[self.keys.kv("topics")],
+            args=["subscribe" if subscribe else "unsubscribe", topic, url, remark],
+        )
+        if reply[0] == "EXISTS":
+            raise AlreadyExists(topic, f"url {url} is already subscribed")
+        if reply[0] == "NOT_FOUND":
+            raise NotFound(f"topic {topic!r} has no subscriber {url!r}")
+
+    async def topics(self) -> dict[str, Topic]:
+        raw = await self.client.hgetall(self.keys.kv("topics"))
+        out: dict[str, Topic] = {}
+        for name, value in raw.items():
+            rec = orjson.loads(value)
+            topic = name.decode() if isinstance(name, bytes) else name
+            out[topic] = Topic(topic, orjson.loads(rec["v"]), int(rec["version"]))
+        return out
+
+    async def delete_topic(self, topic: str) -> bool:
+        return bool(await self.client.hdel(self.keys.kv("topics"), topic))

@@ -17,4 +17,6 @@ def script_text(name: str) -> str:
     return (importlib.resources.files("coordinator") / "lua" / f"{name}.lua").read_text()
 
 
-SCRIPT_NAMES = ("create", "transition", "claim", "load", "sweep")
+SCRIPT_NAMES = (
+    "create", "transition", "claim", "load", "sweep", "register", "reset_due", "topic",
+)

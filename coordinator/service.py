@@ -1,0 +1,288 @@
+"""The service layer: what each API operation does, shared by HTTP and JSON-RPC.
+
+Operations take parsed request data and either return a result or raise a typed
+error from `coordinator.errors`; the front ends only translate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import string
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import orjson
+
+from coordinator import __version__
+from coordinator.api.render import branch_json, trans_json
+from coordinator.api.wire import check_gid, parse_gid_only, parse_register, parse_trans
+from coordinator.engine.engine import Engine
+from coordinator.errors import (
+    AlreadyExists,
+    BadRequest,
+    NotFound,
+    TransactionFailure,
+    TransactionOngoing,
+)
+from coordinator.machines import msg
+from coordinator.machines.base import timeout_of
+from coordinator.model import FINISHED, UNFINISHED, Branch, BranchStatus, Op, Status, Trans
+from coordinator.settings import Settings
+from coordinator.store.base import ListFilter, Transition
+
+_ALPHABET = string.ascii_letters + string.digits
+PREPARED = frozenset({Status.PREPARED})
+
+
+def new_gid() -> str:
+    """22 random base62 characters (about 131 bits), like dtm's short UUIDs."""
+    return "".join(secrets.choice(_ALPHABET) for _ in range(22))
+
+
+class Service:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.settings = settings
+
+    # -- creating and finishing ------------------------------------------------------------
+
+    async def _with_branches(self, trans: Trans) -> Trans:
+        if trans.trans_type != "msg":
+            return trans
+        topics: dict[str, list[str]] = {}
+        if any((s.get("action") or "").startswith(msg.TOPIC_PREFIX) for s in trans.steps):
+            topics = {
+                name: [sub["url"] for sub in t.subscribers]
+                for name, t in (await self.store.topics()).items()
+            }
+        try:
+            return replace(trans, branches=msg.branches_for(trans.steps, topics))
+        except KeyError as exc:
+            raise TransactionFailure(f"topic {exc.args[0]!r} has no subscribers") from None
+
+    async def prepare(self, body: bytes | Mapping[str, Any]) -> None:
+        trans = await self._with_branches(parse_trans(body, Status.PREPARED).trans)
+        # A prepared transaction is looked at again when it times out (msg back-check,
+        # tcc/xa rollback, workflow recovery).
+        due = timeout_of(trans, self.engine.defaults) * 1000
+        try:
+            await self.store.create(trans, due_in_ms=due)
+        except AlreadyExists as exc:
+            if exc.status != Status.PREPARED.value:
+                raise TransactionFailure(
+                    f"transaction {trans.gid} has status '{exc.status}', cannot prepare"
+                ) from None
+
+    async def submit(self, body: bytes | Mapping[str, Any]) -> None:
+        req = parse_trans(body, Status.SUBMITTED)
+        trans = req.trans
+        if trans.trans_type == "workflow":
+            await self._finish_workflow(trans, req.req_extra)
+            return
+        if trans.trans_type in ("saga", "msg") and not trans.steps:
+            raise BadRequest(f"a {trans.trans_type} needs at least one step", "steps")
+        trans = await self._with_branches(trans)
+        try:
+            task = await self.engine.create_and_run(trans, due_in_ms=0)
+        except AlreadyExists as exc:
+            if exc.status == Status.SUBMITTED.value:
+                # Submitting twice is harmless: the first submit already drives it.
+                return
+            if exc.status != Status.PREPARED.value:
+                raise TransactionFailure(
+                    f"transaction {trans.gid} has status '{exc.status}', cannot submit"
+                ) from None
+            task = await self.engine.take_over(trans.gid, PREPARED, Status.SUBMITTED)
+        if trans.options.wait_result:
+            await self._wait(trans.gid, task)
+
+    async def _finish_workflow(self, trans: Trans, extra: Mapping[str, str]) -> None:
+        status = extra.get("status", "")
+        if status not in (Status.SUCCEED.value, Status.FAILED.value):
+            raise BadRequest("req_extra.status must be succeed or failed", "req_extra")
+        fields = {k: extra[k] for k in ("rollback_reason", "result") if extra.get(k)}
+        await self.store.transition(
+            trans.gid, Transition(expected=PREPARED, new_status=Status(status), fields=fields)
+        )
+
+    async def _wait(self, gid: str, task: asyncio.Task[Trans] | None) -> None:
+        """For wait_result: return on success, raise with the reason otherwise."""
+        final: Trans | None = None
+        if task is not None:
+            try:
+                final = await asyncio.wait_for(
+                    asyncio.shield(task), self.settings.server.wait_result_timeout
+                )
+            except TimeoutError:
+                final = None
+        if final is None or final.status not in FINISHED:
+            final = await self.store.load(gid)
+        if final is None:
+            raise NotFound(f"no transaction with gid '{gid}'")
+        if final.status is Status.FAILED:
+            raise TransactionFailure(final.rollback_reason or f"transaction {gid} failed")
+        if final.status is not Status.SUCCEED:
+            raise TransactionOngoing(
+                f"transaction {gid} is {final.status.value}; it will be retried"
+            )
+
+    async def abort(self, body: bytes | Mapping[str, Any]) -> None:
+        gid, data = parse_gid_only(body)
+        trans = await self.store.load(gid)
+        if trans is None:
+            raise NotFound(f"no transaction with gid '{gid}'")
+        if trans.trans_type == "msg" and trans.status is Status.PREPARED:
+            await self.store.transition(
+                gid, Transition(expected=PREPARED, new_status=Status.FAILED,
+                                fields={"rollback_reason": "aborted by the client"})
+            )
+            return
+        if trans.trans_type in ("tcc", "xa") and trans.status in (
+            Status.PREPARED, Status.ABORTING
+        ):
+            reason = data.get("rollback_reason")
+            fields = {"rollback_reason": reason} if isinstance(reason, str) and reason else {}
+            task = await self.engine.take_over(
+                gid, frozenset({Status.PREPARED, Status.ABORTING}), Status.ABORTING, fields
+            )
+            if data.get("wait_result") is True:
+                try:
+                    await self._wait(gid, task)
+                except TransactionFailure:
+                    return  # rolled back as asked
+            return
+        raise TransactionFailure(
+            f"{trans.trans_type} transaction {gid} has status '{trans.status.value}', "
+            "cannot abort"
+        )
+
+    async def force_stop(self, body: bytes | Mapping[str, Any]) -> None:
+        gid, _ = parse_gid_only(body)
+        await self.store.transition(
+            gid, Transition(expected=UNFINISHED, new_status=Status.FAILED,
+                            fields={"rollback_reason": "force stopped"})
+        )
+
+    async def reset_next_cron_time(self, body: bytes | Mapping[str, Any]) -> None:
+        gid, _ = parse_gid_only(body)
+        await self.store.transition(gid, Transition(expected=UNFINISHED, next_due_ms=0))
+
+    # -- run-time branches ------------------------------------------------------------------
+
+    async def register_branch(self, body: bytes | Mapping[str, Any]) -> None:
+        data = parse_register(body)
+        gid, bid, kind = data["gid"], data["branch_id"], data["trans_type"]
+        payload = data.get("data", "")
+        upsert = False
+        if kind == "tcc":
+            branches = [Branch(bid, Op.CANCEL, data.get("cancel", ""), data=payload),
+                        Branch(bid, Op.CONFIRM, data.get("confirm", ""), data=payload)]
+        elif kind == "xa":
+            url = data.get("url", "")
+            branches = [Branch(bid, Op.ROLLBACK, url, data=payload),
+                        Branch(bid, Op.COMMIT, url, data=payload)]
+        else:
+            try:
+                op, status = Op(data.get("op", "")), BranchStatus(data.get("status", ""))
+            except ValueError:
+                raise BadRequest("workflow branches need a valid op and status", "op") from None
+            branches = [Branch(bid, op, "", status=status, data=payload)]
+            upsert = True
+        try:
+            await self.store.register_branches(gid, branches, expected=PREPARED, upsert=upsert)
+        except NotFound:
+            # dtm answers FAILURE here, and clients rely on it to stop the global work.
+            raise TransactionFailure(f"no prepared transaction with gid '{gid}'") from None
+
+    async def prepare_workflow(self, body: bytes | Mapping[str, Any]) -> dict[str, Any]:
+        trans = parse_trans(body, Status.PREPARED).trans
+        if trans.trans_type != "workflow":
+            raise BadRequest("prepareWorkflow needs trans_type workflow", "trans_type")
+        due = timeout_of(trans, self.engine.defaults) * 1000
+        try:
+            now = await self.store.create(trans, due_in_ms=due)
+            stored = replace(trans, create_time=now, update_time=now)
+            return {"transaction": trans_json(stored), "progresses": []}
+        except AlreadyExists:
+            found = await self.store.load(trans.gid)
+            if found is None:  # expired in between: the client simply retries
+                raise TransactionOngoing(f"transaction {trans.gid} is being replaced") from None
+            return {"transaction": trans_json(found),
+                    "progresses": [branch_json(found, b) for b in found.branches]}
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def query(self, gid: str) -> dict[str, Any]:
+        trans = await self.store.load(check_gid(gid))
+        if trans is None:
+            return {"transaction": None, "branches": []}
+        return {"transaction": trans_json(trans),
+                "branches": [branch_json(trans, b) for b in trans.branches]}
+
+    async def all(self, position: str, limit: int, where: ListFilter, gid: str) -> dict[str, Any]:
+        if gid:
+            found = await self.store.load(check_gid(gid))
+            return {"transactions": [trans_json(found)] if found else [], "next_position": ""}
+        if where.status and where.status not in {s.value for s in Status}:
+            raise BadRequest(f"unknown status {where.status!r}", "status")
+        if position and (len(position) < 15 or position[13] != ":"
+                         or not position[:13].isdigit()):
+            raise BadRequest("position is not one this server returned", "position")
+        page = await self.store.list(position, limit, where)
+        return {"transactions": [trans_json(t) for t in page.transactions],
+                "next_position": page.next_position}
+
+    async def reset_cron_time(self, timeout_s: int, limit: int) -> dict[str, Any]:
+        """Bring forward every transaction that would wait longer than `timeout_s`."""
+        count, remaining = 0, False
+        for partition in range(self.store.partitions):
+            if count >= limit:
+                remaining = True
+                break
+            n, more = await self.store.reset_due(partition, timeout_s * 1000, limit - count)
+            count += n
+            remaining = remaining or more
+        return {"has_remaining": remaining, "succeed_count": count}
+
+    # -- topics ----------------------------------------------------------------------------
+
+    async def subscribe(self, topic: str, url: str, remark: str) -> None:
+        _check_topic(topic, url)
+        try:
+            await self.store.change_topic(True, topic, url, remark)
+        except AlreadyExists:
+            raise TransactionFailure(f"{url} is already subscribed to {topic!r}") from None
+
+    async def unsubscribe(self, topic: str, url: str) -> None:
+        _check_topic(topic, url)
+        await self.store.change_topic(False, topic, url, "")
+
+    async def delete_topic(self, topic: str) -> None:
+        if not topic:
+            raise BadRequest("topic is required", "topic")
+        if not await self.store.delete_topic(topic):
+            raise NotFound(f"no topic {topic!r}")
+
+    async def kv(self, cat: str, key: str = "") -> list[dict[str, Any]]:
+        if cat != "topics":
+            return []
+        topics = await self.store.topics()
+        return [
+            {"cat": "topics", "k": t.name, "v": orjson.dumps(t.subscribers).decode(),
+             "version": t.version}
+            for name, t in sorted(topics.items()) if not key or name == key
+        ]
+
+    @staticmethod
+    def version() -> dict[str, str]:
+        return {"version": __version__}
+
+
+def _check_topic(topic: str, url: str) -> None:
+    if not topic:
+        raise BadRequest("topic is required", "topic")
+    if not url:
+        raise BadRequest("url is required", "url")
