@@ -27,6 +27,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
             "server.host": args.host,
             "server.port": args.port,
             "redis.url": args.redis_url,
+            "server.workers": getattr(args, "workers", None),
         },
     )
 
@@ -44,6 +45,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def serve(settings: Settings) -> None:
+    if settings.server.workers > 1:
+        from coordinator.workers import serve_workers
+
+        sys.exit(serve_workers(settings))
     from aiohttp import web
 
     from coordinator.api.app import create_app
@@ -55,6 +60,7 @@ def serve(settings: Settings) -> None:
         port=settings.server.port,
         access_log=None,
         print=None,
+        reuse_port=settings.server.reuse_port or None,
         # In-flight branch calls get the engine's grace period, then the server exits.
         shutdown_timeout=settings.engine.shutdown_grace,
     )
@@ -68,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the coordinator's HTTP API and workers")
     _add_common(p_serve)
+    p_serve.add_argument(
+        "--workers", type=int, help="processes sharing the port (env: COORDINATOR_SERVER_WORKERS)"
+    )
     p_demo = sub.add_parser("demo", help="run the coordinator with demo services and sagas")
     _add_common(p_demo)
     args = parser.parse_args(argv)

@@ -30,6 +30,9 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     # Longest a submit with wait_result waits for the outcome before answering ONGOING.
     wait_result_timeout: float = 30.0
+    # Processes serving one port (SO_REUSEPORT); each runs its own engine.
+    workers: int = 1
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class Settings:
         checks = [
             (0 < self.server.port < 65536, "server.port must be 1..65535"),
             (self.server.max_body_bytes >= 1024, "server.max_body_bytes must be >= 1024"),
+            (1 <= self.server.workers <= 256, "server.workers must be 1..256"),
             (1 <= self.redis.partitions <= 4096, "redis.partitions must be 1..4096"),
             (bool(self.redis.key_prefix), "redis.key_prefix must not be empty"),
             (self.engine.concurrency >= 1, "engine.concurrency must be >= 1"),

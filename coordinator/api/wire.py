@@ -19,6 +19,10 @@ from coordinator.model import TRANS_TYPES, Branch, Options, Status, Trans
 
 GID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 MAX_STEPS = 1000
+# Upper bound of the integer options (seconds, or a count for retry_limit): 100 years.
+# Larger values overflowed the Lua scripts' integer formatting and made the stored times
+# unrenderable, so `query` of such a transaction answered 500.
+MAX_OPTION = 100 * 365 * 86_400
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ def _integer(data: Mapping[str, Any], name: str, minimum: int = 0) -> int:
         raise BadRequest(f"{name} must be 0 or at least {minimum}", name)
     if value < 0:
         raise BadRequest(f"{name} must not be negative", name)
+    if value > MAX_OPTION:
+        raise BadRequest(f"{name} must be at most {MAX_OPTION}", name)
     return value
 
 
@@ -149,7 +155,9 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
     trans_type = data.get("trans_type")
     if trans_type is None or trans_type == "":
         raise BadRequest("trans_type is required", "trans_type")
-    if trans_type not in TRANS_TYPES:
+    # The isinstance check first: an unhashable value (list, object) made the set
+    # membership test raise TypeError, which reached the client as a 500.
+    if not isinstance(trans_type, str) or trans_type not in TRANS_TYPES:
         allowed = ", ".join(sorted(TRANS_TYPES))
         raise BadRequest(f"trans_type {trans_type!r} is not one of {allowed}", "trans_type")
     steps, payloads = _steps(data)

@@ -26,7 +26,6 @@ from coordinator.machines.base import (
     Outcome,
     Plan,
     Retry,
-    base_interval,
     deadline_ms,
     next_interval,
 )
@@ -260,10 +259,11 @@ class Run:
                 due = min(due, max(deadline, self.now()))
             await self._release(due)
             return False
-        base = base_interval(self.trans, self.defaults)
-        if self.trans.next_cron_interval not in (0, base):
-            self.pending_fields["next_cron_interval"] = str(base)
-            self.trans = replace(self.trans, next_cron_interval=base)
+        # A success resets the back-off: with 0 the next error waits the base interval
+        # again (see next_interval); resetting to the base made it wait twice that.
+        if self.trans.next_cron_interval:
+            self.pending_fields["next_cron_interval"] = "0"
+            self.trans = replace(self.trans, next_cron_interval=0)
         return True
 
     async def _move(self, status: Status, reason: str) -> bool:

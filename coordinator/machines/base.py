@@ -89,6 +89,11 @@ def next_interval(trans: Trans, retry: Retry, defaults: Defaults) -> int:
     base = base_interval(trans, defaults)
     current = trans.next_cron_interval or base
     if retry is Retry.BACKOFF:
+        # 0 means no retry was scheduled since the creation or the last success: the
+        # first error waits the base interval, each further one doubles it (1, 2, 4 s).
+        # Doubling from the base at once made the first wait 2x retry_interval.
+        if not trans.next_cron_interval:
+            return base
         return min(max(current * 2, base), max(defaults.max_retry_interval, base))
     if retry is Retry.KEEP:
         return current

@@ -66,6 +66,24 @@ def parse_ordering(custom_data: str, concurrent_option: bool, steps: int) -> Ord
             if not (0 <= step < steps) or any(not (0 <= p < steps) or p == step for p in pres):
                 raise ValueError(f"custom_data.orders[{key}] names a step out of range")
             prerequisites[step] = tuple(pres)
+    if concurrent and prerequisites:
+        # Refuse cycles ({"0":[1],"1":[0]}): no step in one could ever start, so the
+        # saga was accepted and then polled forever without finishing. Kahn's algorithm.
+        missing = {s: len(set(pres)) for s, pres in prerequisites.items()}
+        dependents: dict[int, list[int]] = {}
+        for s, pres in prerequisites.items():
+            for p in set(pres):
+                dependents.setdefault(p, []).append(s)
+        ready = [s for s in range(steps) if not missing.get(s)]
+        startable = 0
+        while ready:
+            startable += 1
+            for d in dependents.get(ready.pop(), ()):
+                missing[d] -= 1
+                if missing[d] == 0:
+                    ready.append(d)
+        if startable < steps:
+            raise ValueError("custom_data.orders has a cycle: its steps could never start")
     return Ordering(concurrent, prerequisites)
 
 
