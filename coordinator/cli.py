@@ -79,11 +79,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p_demo = sub.add_parser("demo", help="run the coordinator with demo services and sagas")
     _add_common(p_demo)
+    p_bench = sub.add_parser("bench", help="run a benchmark scenario (source checkout only)")
+    p_bench.add_argument("--log-level", default="WARNING")
+    try:
+        from bench.cli import add_arguments as add_bench_arguments
+    except ImportError:  # an installed wheel carries no benchmarks
+        has_bench = False
+    else:
+        has_bench = True
+        add_bench_arguments(p_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "bench":
+        if not has_bench:
+            parser.error("the benchmarks live in bench/ of a source checkout")
+        from bench.cli import run
+
+        sys.exit(run(args))
     try:
         settings = _settings_from(args)
     except SettingsError as exc:

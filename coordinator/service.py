@@ -112,12 +112,20 @@ class Service:
         """For wait_result: return on success, raise with the reason otherwise."""
         final: Trans | None = None
         if task is not None:
+            # Stop waiting when the server shuts down: the client then gets ONGOING at
+            # once instead of a dropped connection, and the exit keeps to the grace
+            # period (the server would otherwise wait for this request first).
+            stopping = asyncio.ensure_future(self.engine.stopping())
             try:
-                final = await asyncio.wait_for(
-                    asyncio.shield(task), self.settings.server.wait_result_timeout
+                done, _ = await asyncio.wait(
+                    {task, stopping},
+                    timeout=self.settings.server.wait_result_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-            except TimeoutError:
-                final = None
+            finally:
+                stopping.cancel()
+            if task in done and not task.cancelled():
+                final = task.result()
         if final is None or final.status not in FINISHED:
             final = await self.store.load(gid)
         if final is None:

@@ -42,6 +42,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
+    # On SIGTERM aiohttp runs on_shutdown before it waits for open requests.
+    app.on_shutdown.append(_begin_stop)
     add_routes(app)
     app.router.add_post("/api/json-rpc", handle_json_rpc)
     return app
@@ -86,6 +88,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await store.close()
         if embedded is not None:
             await embedded.stop()
+
+
+async def _begin_stop(app: web.Application) -> None:
+    """Let wait_result requests answer now, so the shutdown keeps to the grace period."""
+    if ENGINE in app:
+        app[ENGINE].begin_stop()
 
 
 def _safe_url(url: str) -> str:

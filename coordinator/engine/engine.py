@@ -81,6 +81,19 @@ class Engine:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
+    def begin_stop(self) -> None:
+        """Stop claiming new work; in-flight work goes on until `stop`.
+
+        Called as the HTTP server starts to shut down (SIGTERM), before it waits for open
+        requests, so that wait_result requests can answer at once (see Service._wait)
+        instead of holding the exit past the grace period.
+        """
+        self._stopping.set()
+
+    async def stopping(self) -> None:
+        """Return once the engine has begun to stop."""
+        await self._stopping.wait()
+
     @property
     def active(self) -> int:
         return len(self._tasks)
@@ -255,7 +268,10 @@ class Run:
             self.pending_fields["next_cron_interval"] = str(interval)
             due = self.now() + interval * 1000
             deadline = deadline_ms(self.trans, self.defaults)
-            if self.trans.status is Status.SUBMITTED and deadline is not None:
+            # Only a submitted saga times out (msg/tcc/xa timeouts bound the prepared
+            # phase, long past once submitted: clamping to it retried with no wait).
+            if (self.trans.trans_type == "saga" and self.trans.status is Status.SUBMITTED
+                    and deadline is not None):
                 due = min(due, max(deadline, self.now()))
             await self._release(due)
             return False

@@ -62,42 +62,47 @@ class RedisStore(Store):
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
+    def create_call(
+        self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of lua/create.lua for this transaction."""
+        keys = self.keys.for_gid(trans.gid)
+        return keys.as_list()[:4], [
+            trans.gid,
+            trans.status.value,
+            orjson.dumps(trans_fields(trans)).decode(),
+            branches_json(trans.branches),
+            max(0, due_in_ms),
+            owner,
+            lease_ms or self.lease_ms,
+        ]
+
     async def create(
         self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
     ) -> int:
-        keys = self.keys.for_gid(trans.gid)
-        reply = await self.scripts["create"](
-            keys=keys.as_list()[:4],
-            args=[
-                trans.gid,
-                trans.status.value,
-                orjson.dumps(trans_fields(trans)).decode(),
-                branches_json(trans.branches),
-                max(0, due_in_ms),
-                owner,
-                lease_ms or self.lease_ms,
-            ],
-        )
+        keys, args = self.create_call(trans, due_in_ms=due_in_ms, owner=owner, lease_ms=lease_ms)
+        reply = await self.scripts["create"](keys=keys, args=args)
         raise_for_reply(reply[0], trans.gid, reply[1], "create")
         return int(reply[1])
 
+    def transition_call(self, gid: str, change: Transition) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of lua/transition.lua for this change."""
+        return self.keys.for_gid(gid).as_list(), [
+            gid,
+            ",".join(s.value for s in change.expected),
+            change.owner,
+            change.new_status.value if change.new_status else "",
+            orjson.dumps(dict(change.fields)).decode(),
+            orjson.dumps({k: v.value for k, v in change.branch_updates.items()}).decode(),
+            "" if change.next_due_ms is None else max(0, change.next_due_ms),
+            change.lease,
+            change.lease_ms or self.lease_ms,
+            self.finished_ttl_s,
+        ]
+
     async def transition(self, gid: str, change: Transition) -> TransitionResult:
-        keys = self.keys.for_gid(gid)
-        reply = await self.scripts["transition"](
-            keys=keys.as_list(),
-            args=[
-                gid,
-                ",".join(s.value for s in change.expected),
-                change.owner,
-                change.new_status.value if change.new_status else "",
-                orjson.dumps(dict(change.fields)).decode(),
-                orjson.dumps({k: v.value for k, v in change.branch_updates.items()}).decode(),
-                "" if change.next_due_ms is None else max(0, change.next_due_ms),
-                change.lease,
-                change.lease_ms or self.lease_ms,
-                self.finished_ttl_s,
-            ],
-        )
+        keys, args = self.transition_call(gid, change)
+        reply = await self.scripts["transition"](keys=keys, args=args)
         wanted = f"move to '{change.new_status.value}'" if change.new_status else "update"
         raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", wanted)
         return TransitionResult(Status(reply[1]), int(reply[2]), reply[3] == "1")

@@ -1,4 +1,9 @@
-"""Finds the Lua scripts shipped with the package and registers them with redis-py."""
+"""Finds the Lua scripts shipped with the package and registers them with redis-py.
+
+A line ``--!include <file>.lua`` is replaced by that file's text, so that scripts can
+share a function (the transaction-creating code of create.lua is also used by the
+flash sale's buy script) while each still runs as one atomic EVALSHA.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,24 @@ from pathlib import Path
 # A source checkout keeps the scripts at the top level (lua/); the wheel carries them
 # inside the package as coordinator/lua.
 _SOURCE_DIR = Path(__file__).resolve().parents[2] / "lua"
+_INCLUDE = "--!include "
+
+
+def _read(filename: str) -> str:
+    if (_SOURCE_DIR / filename).is_file():
+        return (_SOURCE_DIR / filename).read_text()
+    return (importlib.resources.files("coordinator") / "lua" / filename).read_text()
 
 
 def script_text(name: str) -> str:
-    """The text of lua/<name>.lua."""
-    if (_SOURCE_DIR / f"{name}.lua").is_file():
-        return (_SOURCE_DIR / f"{name}.lua").read_text()
-    return (importlib.resources.files("coordinator") / "lua" / f"{name}.lua").read_text()
+    """The text of lua/<name>.lua with its includes expanded (one level deep)."""
+    lines = []
+    for line in _read(f"{name}.lua").splitlines(keepends=True):
+        if line.startswith(_INCLUDE):
+            lines.append(_read(line[len(_INCLUDE):].strip()))
+        else:
+            lines.append(line)
+    return "".join(lines)
 
 
 SCRIPT_NAMES = (

@@ -1,0 +1,1 @@
+"""Benchmarks of the coordinator: `coordinator bench SCENARIO` (see bench/README.md)."""

@@ -1,0 +1,88 @@
+"""`coordinator bench SCENARIO`: run a scenario N times, print a table, save JSON and a plot."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.scenarios import RunOptions, redis_ceiling, saga_empty, saga_http
+
+Scenario = Callable[[RunOptions], Coroutine[Any, Any, dict[str, Any]]]
+
+
+def _scenarios() -> dict[str, Scenario]:
+    from bench.flash_sale import flash_sale
+
+    return {
+        "saga-empty": saga_empty,
+        "saga": saga_http,
+        "flash-sale": flash_sale,
+        "redis-ceiling": redis_ceiling,
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", choices=["saga-empty", "saga", "flash-sale", "redis-ceiling"])
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first")
+    p.add_argument("--concurrency", type=int, default=64, help="concurrent client connections")
+    p.add_argument("--workers", type=int, default=2, help="coordinator processes")
+    p.add_argument("--runs", type=int, default=1, help="repeat and report the median")
+    p.add_argument("--redis-url", help="use this Redis (default: a private redis-server)")
+    p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--plot", type=Path, help="PNG of throughput and p99 over time")
+    p.add_argument("--stock", type=int, default=0,
+                   help="flash-sale: units in stock (default: about 5 s of selling)")
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = RunOptions(duration=args.duration, warmup=args.warmup,
+                      concurrency=args.concurrency, workers=args.workers,
+                      redis_url=args.redis_url, stock=args.stock)
+    scenario = _scenarios()[args.scenario]
+    results: list[dict[str, Any]] = []
+    for i in range(args.runs):
+        print(f"run {i + 1}/{args.runs}: {args.scenario}", file=sys.stderr)
+        result = asyncio.run(scenario(opts))
+        ceiling = result.get("ceiling") or {}
+        if ceiling.get("tx_per_s"):
+            result["ceiling_tx_per_s"] = ceiling["tx_per_s"]
+            result["ceiling_ratio"] = round(result["tx_per_s"] / ceiling["tx_per_s"], 3)
+        results.append(result)
+        print(report.table([result]), file=sys.stderr)
+    summary = median_of(results)
+    print(report.table([summary]))
+    if args.json:
+        report.save_json(args.json, [summary, *results], vars(args))
+        print(f"report written to {args.json}")
+    if args.plot:
+        median_run = min(results, key=lambda r: abs(r["tx_per_s"] - summary["tx_per_s"]))
+        if report.plot(args.plot, median_run):
+            print(f"plot written to {args.plot}")
+        else:
+            print("no plot: matplotlib is not installed (pip install matplotlib)")
+    correct = all(r.get("correct", True) for r in results)
+    return 0 if correct else 1
+
+
+def median_of(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Median of every numeric figure over the runs, plus min and max of throughput."""
+    out: dict[str, Any] = {"scenario": results[0]["scenario"] + " (median)",
+                           "runs": len(results)}
+    for key, value in results[0].items():
+        if isinstance(value, bool) or key in ("scenario", "timeline"):
+            continue
+        if isinstance(value, int | float):
+            values = [r[key] for r in results if isinstance(r.get(key), int | float)]
+            out[key] = statistics.median(values)
+    out["tx_per_s_min"] = min(r["tx_per_s"] for r in results)
+    out["tx_per_s_max"] = max(r["tx_per_s"] for r in results)
+    if "correct" in results[0]:
+        out["correct"] = all(r["correct"] for r in results)
+    return out

@@ -1,0 +1,128 @@
+"""The processes a benchmark runs: a Redis, coordinator workers, participants."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from coordinator.embedded_redis import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+class Processes:
+    """Child processes started for one run; all stopped (SIGTERM, then SIGKILL) at the end."""
+
+    def __init__(self) -> None:
+        self.children: list[asyncio.subprocess.Process] = []
+        self.logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
+
+    async def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = await asyncio.create_subprocess_exec(
+            *args, cwd=ROOT, env=full_env, stdout=log, stderr=log
+        )
+        log.close()
+        self.children.append(proc)
+
+    async def stop(self) -> None:
+        for proc in self.children:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.children:
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+class BenchEnv:
+    """A Redis (private unless a URL is given), N coordinator workers on one port."""
+
+    def __init__(self, redis_url: str | None, workers: int, **coordinator_env: Any) -> None:
+        self.redis_url = redis_url or ""
+        self.workers = workers
+        self.coordinator_env = {k: str(v) for k, v in coordinator_env.items()}
+        self.port = free_port()
+        self.procs = Processes()
+        self._embedded: EmbeddedRedis | None = None
+        self.redis: aioredis.Redis | None = None
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/dtmsvr"
+
+    async def start(self) -> None:
+        if not self.redis_url:
+            self._embedded = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="bench-redis-")))
+            self.redis_url = await self._embedded.start()
+        self.redis = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
+        await self.redis.flushdb()
+        env = {"COORDINATOR_ENGINE_POLL_INTERVAL": "0.05", **self.coordinator_env}
+        await self.procs.spawn(
+            "coordinator", sys.executable, "-m", "coordinator", "serve",
+            "--workers", str(self.workers), "--port", str(self.port),
+            "--redis-url", self.redis_url, "--log-level", "WARNING", env=env,
+        )
+        await wait_http(f"http://127.0.0.1:{self.port}/api/ping")
+
+    async def spawn_participant(self) -> int:
+        port = free_port()
+        await self.procs.spawn("participant", sys.executable, "-m", "bench.participant", str(port))
+        await wait_http(f"http://127.0.0.1:{port}/stats")
+        return port
+
+    async def stop(self) -> None:
+        await self.procs.stop()
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self._embedded is not None:
+            await self._embedded.stop()
+
+
+async def redis_counters(client: aioredis.Redis) -> dict[str, int]:
+    """Client calls (script invocations and plain commands) and bytes moved so far."""
+    stats = await client.info("stats")
+    commands = await client.info("commandstats")
+    scripts = sum(
+        int(v.get("calls", 0)) for k, v in commands.items()
+        if k in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro", "cmdstat_eval_ro")
+    )
+    return {
+        "script_calls": scripts,
+        "commands": int(stats["total_commands_processed"]),
+        "bytes": int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"]),
+    }

@@ -1,0 +1,142 @@
+"""The flash-sale scenario: buyers hammer one item; stock runs out; everything must add up.
+
+During the warm-up the stock is zero (every buyer is told "sold out"); when measuring
+starts the stock is set, buyers succeed until it runs out, then the sold-out path takes
+over. Afterwards the run waits for the coordinator to deliver every purchase message and
+checks: orders == units sold == successful buyer answers, stock never negative, one
+order per purchase, no unfinished transaction left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from array import array
+from typing import Any
+
+from bench.env import BenchEnv, free_port, redis_counters, wait_http
+from bench.loadgen import run_load
+from bench.progress import show_progress
+from bench.scenarios import RunOptions
+from bench.stats import Recorder, summarize, timeline
+from coordinator.keys import KeySpace, tag
+
+PARTITION = 3
+ITEM = "item-1"
+SERVICE_PROCESSES = 2
+
+
+async def flash_sale(opts: RunOptions) -> dict[str, Any]:
+    env = BenchEnv(opts.redis_url, opts.workers)
+    await env.start()
+    try:
+        return await _run(env, opts)
+    finally:
+        await env.stop()
+
+
+async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
+    assert env.redis is not None
+    r = env.redis
+    t = tag(PARTITION)
+    stock_key, orders_key = f"flash:stock:{t}:{ITEM}", f"flash:orders:{t}"
+    await r.set(stock_key, 0)
+    port = free_port()
+    for i in range(SERVICE_PROCESSES):
+        await env.procs.spawn(
+            f"flash-sale-{i}", sys.executable, "-m", "examples.flash_sale.service",
+            "--port", str(port), "--redis-url", env.redis_url, "--partition", str(PARTITION),
+            "--item", ITEM, "--reuse-port",
+        )
+    await wait_http(f"http://127.0.0.1:{port}/state")
+    stock = opts.stock or int(max(2000, 4000 * opts.duration / 4))
+
+    bought = array("d")
+
+    def check(status: int, body: bytes) -> bool:
+        if status == 200:
+            bought.append(time.perf_counter())
+            return True
+        return status == 409 and b"sold out" in body
+
+    orders_over_time: list[tuple[float, int]] = []
+    recorder = Recorder()
+    before: dict[str, int] = {}
+    start = time.perf_counter()
+
+    async def open_sale() -> None:
+        await asyncio.sleep(opts.warmup)
+        before.update(await redis_counters(r))
+        await r.set(stock_key, stock)
+        while True:
+            orders_over_time.append((time.perf_counter() - start - opts.warmup,
+                                     int(await r.hlen(orders_key))))
+            await asyncio.sleep(0.25)
+
+    sale = asyncio.create_task(open_sale())
+    progress = asyncio.create_task(
+        show_progress("flash-sale", recorder, opts.warmup, opts.duration)
+    )
+    user = [0]
+
+    def factory(n: int) -> tuple[str, str, bytes]:
+        user[0] += 1
+        return "POST", f"/buy?user=u{user[0]}", b""
+
+    load = await run_load("127.0.0.1", port, factory, check, concurrency=opts.concurrency,
+                          duration=opts.duration, warmup=opts.warmup, recorder=recorder)
+    after = await redis_counters(r)
+    progress.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await progress
+
+    # Let the coordinator deliver every message that was created.
+    keys = KeySpace("coord", 16)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and await r.zcard(keys.due(PARTITION)):
+        await asyncio.sleep(0.2)
+    sale.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sale
+
+    left = int(await r.get(stock_key) or 0)
+    orders = int(await r.hlen(orders_key))
+    unfinished = int(await r.zcard(keys.due(PARTITION)))
+    sold = stock - left
+    successes = sum(1 for x in bought if x >= start + opts.warmup)
+    correct = left >= 0 and orders == sold == successes and unfinished == 0
+    s = summarize(recorder, opts.duration)
+    n = max(s.count, 1)
+    measured_start = start + opts.warmup
+    buys = [x - measured_start for x in bought if x >= measured_start]
+    sell_seconds = (max(buys) - min(buys)) if len(buys) > 1 else 0.0
+    sold_out = max(0, s.count - successes)
+    sold_out_seconds = max(opts.duration - (max(buys) if buys else 0.0), 1e-9)
+    done_at = next((sec for sec, count in orders_over_time if count >= sold), None)
+    return {
+        "scenario": "flash-sale",
+        "tx_per_s": round(s.per_s, 1),
+        "requests": s.count,
+        "p50_ms": round(s.p50_ms, 2),
+        "p95_ms": round(s.p95_ms, 2),
+        "p99_ms": round(s.p99_ms, 2),
+        "errors": load.errors,
+        "error_samples": load.error_samples,
+        "stock": stock,
+        "stock_sold": sold,
+        "stock_left": left,
+        "orders": orders,
+        "successful_buys": successes,
+        "unfinished_transactions": unfinished,
+        "correct": correct,
+        "buys_per_s": round(successes / sell_seconds, 1) if sell_seconds else None,
+        "orders_per_s": round(sold / done_at, 1) if done_at else None,
+        "sold_out_per_s": round(sold_out / sold_out_seconds, 1),
+        "redis_calls_per_tx": round((after["script_calls"] - before["script_calls"]) / n, 2),
+        "redis_commands_per_tx": round((after["commands"] - before["commands"]) / n, 2),
+        "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
+        "timeline": timeline(recorder, measured_start, int(opts.duration)),
+        "orders_timeline": orders_over_time,
+    }

@@ -1,0 +1,75 @@
+"""Printing, saving and plotting benchmark results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> dict[str, Any]:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        rev = ""
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "revision": rev}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    cols = ["scenario", "tx_per_s", "p50_ms", "p95_ms", "p99_ms", "errors",
+            "redis_calls_per_tx", "redis_bytes_per_tx", "ceiling_ratio"]
+    rows = [[_fmt(r.get(c)) for c in cols] for r in results]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def save_json(path: Path, results: list[dict[str, Any]], options: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), "options": options, "runs": results},
+                               indent=2, default=str))
+
+
+def plot(path: Path, result: dict[str, Any]) -> bool:
+    """Throughput and p99 latency per second; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    points = result.get("timeline") or []
+    if not points:
+        return False
+    seconds = [p[0] for p in points]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    top.plot(seconds, [p[1] for p in points], color="tab:blue")
+    top.set_ylabel("completed per second")
+    top.set_title(f"{result['scenario']}: {result.get('tx_per_s', 0):,.0f}/s median run")
+    top.grid(alpha=0.3)
+    bottom.plot(seconds, [p[2] for p in points], color="tab:red")
+    bottom.set_ylabel("p99 latency (ms)")
+    bottom.set_xlabel("second of the measured window")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,196 @@
+"""The benchmark scenarios. Each returns a result dict that the report prints and saves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+
+from bench.env import BenchEnv, redis_counters
+from bench.loadgen import Checker, RequestFactory, run_load
+from bench.progress import show_progress
+from bench.stats import Recorder, summarize, timeline
+from coordinator.keys import KeySpace
+from coordinator.machines.saga import branches_for
+from coordinator.model import BranchStatus, Options, Status, Trans
+from coordinator.store.base import Transition
+from coordinator.store.redis_store import RedisStore
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    duration: float = 20.0
+    warmup: float = 3.0
+    concurrency: int = 64
+    workers: int = 2
+    redis_url: str | None = None
+    stock: int = 0
+
+
+def ok_200(status: int, body: bytes) -> bool:
+    return status == 200 and b"FAILURE" not in body
+
+
+async def measure(
+    label: str, env: BenchEnv, factory: RequestFactory, check: Checker, opts: RunOptions
+) -> dict[str, Any]:
+    """Drive load at the coordinator and summarise latency, throughput and Redis cost."""
+    assert env.redis is not None
+    recorder = Recorder()
+    progress = asyncio.create_task(show_progress(label, recorder, opts.warmup, opts.duration))
+    before: dict[str, int] = {}
+
+    async def snapshot_after_warmup() -> None:
+        await asyncio.sleep(opts.warmup)
+        assert env.redis is not None
+        before.update(await redis_counters(env.redis))
+
+    snap = asyncio.create_task(snapshot_after_warmup())
+    start = time.perf_counter()
+    result = await run_load(
+        "127.0.0.1", env.port, factory, check, concurrency=opts.concurrency,
+        duration=opts.duration, warmup=opts.warmup, recorder=recorder,
+    )
+    await snap
+    after = await redis_counters(env.redis)
+    progress.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await progress
+    s = summarize(recorder, opts.duration)
+    n = max(s.count, 1)
+    return {
+        "scenario": label,
+        "tx_per_s": round(s.per_s, 1),
+        "transactions": s.count,
+        "p50_ms": round(s.p50_ms, 2),
+        "p95_ms": round(s.p95_ms, 2),
+        "p99_ms": round(s.p99_ms, 2),
+        "max_ms": round(s.max_ms, 2),
+        "errors": result.errors,
+        "error_samples": result.error_samples,
+        "redis_calls_per_tx": round((after["script_calls"] - before["script_calls"]) / n, 2),
+        "redis_commands_per_tx": round((after["commands"] - before["commands"]) / n, 2),
+        "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
+        "timeline": timeline(recorder, start + opts.warmup, int(opts.duration)),
+    }
+
+
+def saga_factory(steps: list[dict[str, str]]) -> RequestFactory:
+    run = uuid.uuid4().hex[:8]
+    payloads = ["{}"] * len(steps)
+    template = orjson.dumps(
+        {"gid": "GID", "trans_type": "saga", "steps": steps, "payloads": payloads,
+         "wait_result": True}
+    ).decode()
+    head, tail = template.split("GID")
+
+    def factory(n: int) -> tuple[str, str, bytes]:
+        return "POST", "/api/dtmsvr/submit", f"{head}{run}-{n}{tail}".encode()
+
+    return factory
+
+
+async def saga_empty(opts: RunOptions) -> dict[str, Any]:
+    env = BenchEnv(opts.redis_url, opts.workers)
+    await env.start()
+    try:
+        steps = [{"action": "", "compensate": ""}, {"action": "", "compensate": ""}]
+        out = await measure("saga-empty", env, saga_factory(steps), ok_200, opts)
+        out["ceiling"] = await redis_ceiling_on(env, opts, with_branch_writes=False)
+        return out
+    finally:
+        await env.stop()
+
+
+async def saga_http(opts: RunOptions) -> dict[str, Any]:
+    env = BenchEnv(opts.redis_url, opts.workers)
+    await env.start()
+    try:
+        port = await env.spawn_participant()
+        base = f"http://127.0.0.1:{port}"
+        steps = [
+            {"action": f"{base}/TransOut", "compensate": f"{base}/TransOutRevert"},
+            {"action": f"{base}/TransIn", "compensate": f"{base}/TransInRevert"},
+        ]
+        out = await measure("saga", env, saga_factory(steps), ok_200, opts)
+        out["ceiling"] = await redis_ceiling_on(env, opts, with_branch_writes=True)
+        return out
+    finally:
+        await env.stop()
+
+
+async def redis_ceiling_on(
+    env: BenchEnv, opts: RunOptions, *, with_branch_writes: bool, seconds: float = 5.0
+) -> dict[str, Any]:
+    """The same scripts a two-step saga runs, sent straight to Redis by EVALSHA.
+
+    The physical reference: what this Redis sustains for the same work with no HTTP and
+    no coordinator logic, pipelined 50 transactions deep on 4 connections.
+    """
+    assert env.redis_url
+    store = RedisStore.from_url(env.redis_url, KeySpace("ceiling", 16))
+    await store.start()
+    steps = ({"action": "", "compensate": ""}, {"action": "", "compensate": ""})
+    branches = branches_for(steps)
+    template = Trans(gid="", trans_type="saga", status=Status.SUBMITTED, steps=steps,
+                     payloads=("{}", "{}"), branches=branches, options=Options(wait_result=True))
+    shas = {name: store.scripts[name].sha for name in ("create", "transition")}
+    expected = frozenset({Status.SUBMITTED})
+    scripts_per_tx = 3 if with_branch_writes else 2
+    done = 0
+    run = uuid.uuid4().hex[:8]
+    deadline = time.perf_counter() + seconds
+
+    async def lane(lane_id: int) -> None:
+        nonlocal done
+        n = 0
+        while time.perf_counter() < deadline:
+            gids = [f"{run}-{lane_id}-{n + i}" for i in range(50)]
+            n += 50
+            async with store.client.pipeline(transaction=False) as pipe:
+                for gid in gids:
+                    token = f"ceiling:{gid}"
+                    keys, args = store.create_call(replace(template, gid=gid), due_in_ms=0,
+                                                   owner=token)
+                    pipe.evalsha(shas["create"], len(keys), *keys, *args)
+                    if with_branch_writes:
+                        keys, args = store.transition_call(gid, Transition(
+                            expected=expected, owner=token, lease="renew",
+                            branch_updates={branches[1].key: BranchStatus.SUCCEED}))
+                        pipe.evalsha(shas["transition"], len(keys), *keys, *args)
+                    keys, args = store.transition_call(gid, Transition(
+                        expected=expected, new_status=Status.SUCCEED, owner=token,
+                        lease="renew", branch_updates={branches[3].key: BranchStatus.SUCCEED}))
+                    pipe.evalsha(shas["transition"], len(keys), *keys, *args)
+                replies = await pipe.execute()
+            assert all(r[0] == "OK" for r in replies), replies[:3]
+            done += len(gids)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(lane(i) for i in range(4)))
+    elapsed = time.perf_counter() - start
+    await store.close()
+    return {
+        "tx_per_s": round(done / elapsed, 1),
+        "scripts_per_tx": scripts_per_tx,
+        "scripts_per_s": round(done * scripts_per_tx / elapsed, 1),
+        "seconds": round(elapsed, 1),
+    }
+
+
+async def redis_ceiling(opts: RunOptions) -> dict[str, Any]:
+    env = BenchEnv(opts.redis_url, 1)
+    await env.start()
+    try:
+        result = await redis_ceiling_on(env, opts, with_branch_writes=False,
+                                        seconds=opts.duration)
+        return {"scenario": "redis-ceiling", **result, "p50_ms": None, "p95_ms": None,
+                "p99_ms": None, "errors": 0, "redis_calls_per_tx": result["scripts_per_tx"],
+                "redis_bytes_per_tx": None, "timeline": []}
+    finally:
+        await env.stop()

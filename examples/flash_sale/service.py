@@ -1,0 +1,148 @@
+"""A flash-sale service: many buyers, little stock, exactly one order per unit sold.
+
+POST /buy?user=U      buy one unit. One Lua script checks and deducts the stock and
+                      creates a two-phase message as submitted, atomically; answers
+                      200 {"result":"ok","gid":...} or 409 {"dtm_result":"FAILURE",
+                      "result":"sold out"}.
+POST /order           the message's action, called by the coordinator: creates the
+                      order behind a barrier, so a repeated delivery creates nothing.
+GET  /state           stock left and orders created.
+
+The stock, the barrier records, the orders and the purchase transactions all live in one
+Redis hash slot (the coordinator partition named in the gids, ``{N}``), which is what
+lets one script change them together.
+
+Run: python -m examples.flash_sale.service --port 8081 --redis-url redis://127.0.0.1:6379/0
+     --coordinator-prefix coord --partitions 16 --stock 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import web
+
+from coordinator.keys import KeySpace, tag
+from coordinator.machines.msg import branches_for
+from coordinator.model import Options, Status, Trans
+from coordinator.store.redis_store import RedisStore
+from coordinator.store.scripts import script_text
+
+BARRIER_TTL_S = 7 * 86_400
+STORE = web.AppKey("store", RedisStore)
+
+
+class Sale:
+    """One item on sale, in coordinator partition `partition`."""
+
+    def __init__(self, store: RedisStore, partition: int, item: str, order_url: str) -> None:
+        self.store = store
+        self.partition = partition
+        self.item = item
+        self.order_url = order_url
+        t = tag(partition)
+        self.stock_key = f"flash:stock:{t}:{item}"
+        self.orders_key = f"flash:orders:{t}"
+        self.barrier_prefix = f"flash:barrier:{t}:"
+        client = store.client
+        self.buy_script = client.register_script(script_text("flash_buy"))
+        self.order_script = client.register_script(script_text("flash_order"))
+
+    async def start(self, stock: int | None) -> None:
+        for script in (self.buy_script, self.order_script):
+            await self.store.client.script_load(script.script)
+        if stock is not None:
+            await self.store.client.set(self.stock_key, stock)
+
+    async def buy(self, user: str) -> tuple[bool, str]:
+        gid = f"{{{self.partition}}}{uuid.uuid4().hex}"
+        payload = orjson.dumps({"user": user, "item": self.item}).decode()
+        trans = Trans(
+            gid=gid, trans_type="msg", status=Status.SUBMITTED,
+            steps=({"action": self.order_url},), payloads=(payload,),
+            branches=branches_for([{"action": self.order_url}], {}),
+            options=Options(retry_interval=1),
+        )
+        keys, args = self.store.create_call(trans, due_in_ms=0)
+        keys += [self.stock_key, f"{self.barrier_prefix}{gid}-00-msg-01"]
+        reply = await self.buy_script(keys=keys, args=[*args, 1, BARRIER_TTL_S])
+        return reply[0] == "OK", gid
+
+    async def create_order(self, gid: str, branch_id: str, order: str) -> str:
+        barrier = f"{self.barrier_prefix}{gid}-{branch_id}-action-01"
+        return str(await self.order_script(keys=[self.orders_key, barrier],
+                                           args=[gid, order, BARRIER_TTL_S]))
+
+    async def state(self) -> dict[str, int]:
+        stock = await self.store.client.get(self.stock_key)
+        orders = await self.store.client.hlen(self.orders_key)
+        return {"stock": int(stock or 0), "orders": int(orders)}
+
+
+SALE = web.AppKey("sale", Sale)
+
+
+async def handle_buy(request: web.Request) -> web.Response:
+    ok, gid = await request.app[SALE].buy(request.query.get("user", "anonymous"))
+    if ok:
+        return web.json_response({"result": "ok", "gid": gid})
+    return web.json_response({"dtm_result": "FAILURE", "result": "sold out"}, status=409)
+
+
+async def handle_order(request: web.Request) -> web.Response:
+    q = request.query
+    await request.app[SALE].create_order(q["gid"], q["branch_id"], await request.text())
+    return web.json_response({"dtm_result": "SUCCESS"})
+
+
+async def handle_state(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[SALE].state())
+
+
+def create_app(args: argparse.Namespace) -> web.Application:
+    app = web.Application()
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        keys = KeySpace(args.coordinator_prefix, args.partitions)
+        store = RedisStore.from_url(args.redis_url, keys)
+        order_url = f"http://127.0.0.1:{args.port}/order"
+        sale = Sale(store, args.partition, args.item, order_url)
+        await sale.start(args.stock)
+        app[STORE] = store
+        app[SALE] = sale
+        yield
+        await store.close()
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_post("/buy", handle_buy)
+    app.router.add_post("/order", handle_order)
+    app.router.add_get("/state", handle_state)
+    return app
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--coordinator-prefix", default="coord")
+    p.add_argument("--partitions", type=int, default=16)
+    p.add_argument("--partition", type=int, default=0, help="coordinator partition of the sale")
+    p.add_argument("--item", default="item-1")
+    p.add_argument("--stock", type=int, help="set the stock at start")
+    p.add_argument("--reuse-port", action="store_true", help="share the port with siblings")
+    args = p.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(create_app(args), host="127.0.0.1", port=args.port, access_log=None,
+                print=None, reuse_port=args.reuse_port or None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+-- flash_buy
+-- A flash-sale purchase in one atomic step: check and deduct the stock, record the
+-- two-phase message's barrier, and create the message as submitted, so that the
+-- coordinator creates the order. A sold-out request costs this one call and nothing else.
+-- KEYS[1] = transaction hash        (as create.lua)
+-- KEYS[2] = branches hash           (as create.lua)
+-- KEYS[3] = due index               (as create.lua)
+-- KEYS[4] = listing index           (as create.lua)
+-- KEYS[5] = stock counter           e.g. flash:stock:{pN}:<item>, same slot as KEYS[1]
+-- KEYS[6] = barrier of the message  flash:barrier:{pN}:<gid>-00-msg-01
+-- ARGV[1..7] = as create.lua (gid, "submitted", fields, branches, due ms, owner, lease ms)
+-- ARGV[8] = units to buy
+-- ARGV[9] = seconds to keep the barrier record
+-- returns {"OK", now_ms, stock_left}, {"SOLD_OUT", stock_left} or {"EXISTS", status}
+
+--!include lib_create.lua
+
+local amount = tonumber(ARGV[8])
+local stock = tonumber(redis.call('GET', KEYS[5]) or '0')
+if stock < amount then
+  return {'SOLD_OUT', stock}
+end
+local created = create_transaction(KEYS, ARGV)
+if created[1] ~= 'OK' then
+  return created
+end
+redis.call('DECRBY', KEYS[5], amount)
+-- The local transaction (the deduction) is committed together with the message, so a
+-- back-check, should one ever be needed, finds the barrier and answers success.
+redis.call('SET', KEYS[6], 'committed', 'EX', tonumber(ARGV[9]))
+return {'OK', created[2], stock - amount}

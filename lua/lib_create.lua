@@ -1,0 +1,54 @@
+-- lib_create (a library, not a script: other scripts include it with "--!include")
+-- Defines create_transaction(K, A), with K and A laid out as KEYS and ARGV of create.lua.
+-- Shared so that a participant's script (the flash sale's buy) creates a transaction in
+-- exactly the coordinator's format, atomically with its own change.
+
+local function create_transaction(K, A)
+  local existing = redis.call('HGET', K[1], 'status')
+  if existing then
+    return {'EXISTS', existing}
+  end
+
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local snow = string.format('%d', now)
+
+  local fields = cjson.decode(A[3])
+  local hset = {'gid', A[1], 'status', A[2], 'create_time', snow, 'update_time', snow}
+  for k, v in pairs(fields) do
+    hset[#hset + 1] = k
+    hset[#hset + 1] = v
+  end
+
+  local next_due = now + tonumber(A[5])
+  hset[#hset + 1] = 'next_cron_time'
+  hset[#hset + 1] = string.format('%d', next_due)
+  local score = next_due
+  if A[6] ~= '' then
+    -- The creating instance processes the transaction itself; while its lease holds the
+    -- due entry points at the lease's end, so a crash hands the work to another worker.
+    score = now + tonumber(A[7])
+    hset[#hset + 1] = 'owner'
+    hset[#hset + 1] = A[6]
+    hset[#hset + 1] = 'lease_until'
+    hset[#hset + 1] = string.format('%d', score)
+  end
+
+  -- The listing index orders by creation time, then gid; members are unique per gid.
+  local member = string.format('%013d', now) .. ':' .. A[1]
+  hset[#hset + 1] = 'created_member'
+  hset[#hset + 1] = member
+  redis.call('HSET', K[1], unpack(hset))
+
+  local branches = cjson.decode(A[4])
+  for i, b in ipairs(branches) do
+    b['seq'] = i
+    b['create_time'] = snow
+    b['update_time'] = snow
+    redis.call('HSET', K[2], b['branch_id'] .. ':' .. b['op'], cjson.encode(b))
+  end
+
+  redis.call('ZADD', K[3], score, A[1])
+  redis.call('ZADD', K[4], 0, member)
+  return {'OK', snow}
+end
