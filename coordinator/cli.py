@@ -81,13 +81,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_common(p_demo)
     p_bench = sub.add_parser("bench", help="run a benchmark scenario (source checkout only)")
     p_bench.add_argument("--log-level", default="WARNING")
-    try:
-        from bench.cli import add_arguments as add_bench_arguments
-    except ImportError:  # an installed wheel carries no benchmarks
-        has_bench = False
-    else:
-        has_bench = True
-        add_bench_arguments(p_bench)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    has_bench = False
+    if argv[:1] == ["bench"]:  # imported only when asked for: it pulls in a lot
+        try:
+            from bench.cli import add_arguments as add_bench_arguments
+        except ImportError:  # an installed wheel carries no benchmarks
+            pass
+        else:
+            has_bench = True
+            add_bench_arguments(p_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),

@@ -247,12 +247,13 @@ class Service:
         """Bring forward every transaction that would wait longer than `timeout_s`."""
         count, remaining = 0, False
         for partition in range(self.store.partitions):
-            if count >= limit:
-                remaining = True
-                break
+            # Once the limit is used up, limit 0 only reports whether more qualify: an
+            # exactly used-up limit used to claim has_remaining with nothing left.
             n, more = await self.store.reset_due(partition, timeout_s * 1000, limit - count)
             count += n
             remaining = remaining or more
+            if remaining:
+                break
         return {"has_remaining": remaining, "succeed_count": count}
 
     # -- topics ----------------------------------------------------------------------------

@@ -42,6 +42,8 @@ class RedisSettings:
     data_dir: str = ".coordinator"
     key_prefix: str = "coord"
     partitions: int = 16
+    # Send script calls of concurrent transactions together (one round trip per batch).
+    pipeline: bool = True
 
 
 @dataclass(frozen=True)

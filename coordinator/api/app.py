@@ -63,6 +63,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         keys,
         lease_ms=int(settings.engine.lease_seconds * 1000),
         finished_ttl_s=settings.engine.finished_ttl,
+        batch=settings.redis.pipeline,
     )
     session: aiohttp.ClientSession | None = None
     engine: Engine | None = None

@@ -48,7 +48,9 @@ SCHEMA: tuple[str, ...] = (
 
 
 @functools.cache
-def _quiet_cursor() -> type[Any]:
+def quiet_cursor() -> type[Any]:
+    """An aiomysql cursor class that does not turn server warnings into Python warnings
+    (``conn.cursor(quiet_cursor())``); DDL with IF NOT EXISTS warns too."""
     import aiomysql  # the optional driver, needed only by this backend
 
     class QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
@@ -64,7 +66,7 @@ def _quiet_cursor() -> type[Any]:
 
 async def ensure_barrier_table(conn: Any) -> None:
     """Create ``dtm_barrier.barrier`` if it is missing (aiomysql connection)."""
-    async with conn.cursor(_quiet_cursor()) as cur:
+    async with conn.cursor(quiet_cursor()) as cur:
         for statement in SCHEMA:
             await cur.execute(statement)
     await conn.commit()
@@ -119,12 +121,12 @@ class MysqlBarrier(SqlBarrier):
             await conn.commit()
 
     async def _insert_ignore(self, conn: Any, row: BarrierRow) -> bool:
-        async with conn.cursor(_quiet_cursor()) as cur:
+        async with conn.cursor(quiet_cursor()) as cur:
             affected: int = await cur.execute(self._insert, tuple(row))
         return affected == 1
 
     async def _reason(self, conn: Any, gid: str) -> str | None:
-        async with conn.cursor(_quiet_cursor()) as cur:
+        async with conn.cursor(quiet_cursor()) as cur:
             await cur.execute(self._select_reason, (gid, MSG_BRANCH, MSG_OP, MSG_BARRIER))
             found = await cur.fetchone()
         return None if found is None else str(found[0])

@@ -21,6 +21,7 @@ from coordinator.store.base import (
     Transition,
     TransitionResult,
 )
+from coordinator.store.batch import ScriptBatcher
 from coordinator.store.codec import branches_json, pairs_to_dict, trans_fields, trans_from_hash
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
 
@@ -35,6 +36,7 @@ class RedisStore(Store):
         *,
         lease_ms: int = 30_000,
         finished_ttl_s: int = 86_400,
+        batch: bool = True,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -46,6 +48,8 @@ class RedisStore(Store):
         self.scripts: dict[str, AsyncScript] = {
             name: client.register_script(script_text(name)) for name in SCRIPT_NAMES
         }
+        # Creates and transitions of concurrent transactions share round trips.
+        self._batch = ScriptBatcher(client, max_batch=256 if batch else 1)
 
     @classmethod
     def from_url(cls, url: str, keys: KeySpace, **kwargs: Any) -> RedisStore:
@@ -81,7 +85,7 @@ class RedisStore(Store):
         self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
     ) -> int:
         keys, args = self.create_call(trans, due_in_ms=due_in_ms, owner=owner, lease_ms=lease_ms)
-        reply = await self.scripts["create"](keys=keys, args=args)
+        reply = await self._batch.call(self.scripts["create"], keys, args)
         raise_for_reply(reply[0], trans.gid, reply[1], "create")
         return int(reply[1])
 
@@ -102,7 +106,7 @@ class RedisStore(Store):
 
     async def transition(self, gid: str, change: Transition) -> TransitionResult:
         keys, args = self.transition_call(gid, change)
-        reply = await self.scripts["transition"](keys=keys, args=args)
+        reply = await self._batch.call(self.scripts["transition"], keys, args)
         wanted = f"move to '{change.new_status.value}'" if change.new_status else "update"
         raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", wanted)
         return TransitionResult(Status(reply[1]), int(reply[2]), reply[3] == "1")

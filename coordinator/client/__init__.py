@@ -1,0 +1,65 @@
+"""The asyncio SDK: build global transactions, answer branch calls, and the barrier.
+
+It speaks dtm's HTTP protocol, so it works against this coordinator and against dtm.
+Database drivers are optional: the PostgreSQL and MySQL barrier backends import asyncpg
+and aiomysql only when they are used.
+"""
+
+from coordinator.client.barrier import BarrierResult, BranchBarrier, SqlBarrier
+from coordinator.client.barrier_mysql import MysqlBarrier
+from coordinator.client.barrier_postgres import PostgresBarrier
+from coordinator.client.barrier_redis import RedisBarrier
+from coordinator.client.errors import (
+    BranchCallError,
+    CoordinatorUnavailable,
+    DtmError,
+    DuplicatedRequest,
+    RequestRejected,
+    TransactionFailed,
+    TransactionOngoing,
+)
+from coordinator.client.gid import local_gid, new_gid
+from coordinator.client.http import BranchReply, DtmClient
+from coordinator.client.msg import Msg
+from coordinator.client.options import TransOptions
+from coordinator.client.participant import (
+    BranchInfo,
+    branch_handler,
+    query_prepared_handler,
+    response_for,
+)
+from coordinator.client.saga import Saga
+from coordinator.client.tcc import Tcc, tcc_global
+from coordinator.client.xa import Xa, register_xa_branch, xa_global
+
+__all__ = [
+    "BarrierResult",
+    "BranchBarrier",
+    "BranchCallError",
+    "BranchInfo",
+    "BranchReply",
+    "CoordinatorUnavailable",
+    "DtmClient",
+    "DtmError",
+    "DuplicatedRequest",
+    "Msg",
+    "MysqlBarrier",
+    "PostgresBarrier",
+    "RedisBarrier",
+    "RequestRejected",
+    "Saga",
+    "SqlBarrier",
+    "Tcc",
+    "TransOptions",
+    "TransactionFailed",
+    "TransactionOngoing",
+    "Xa",
+    "branch_handler",
+    "local_gid",
+    "new_gid",
+    "query_prepared_handler",
+    "register_xa_branch",
+    "response_for",
+    "tcc_global",
+    "xa_global",
+]
