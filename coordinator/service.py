@@ -115,15 +115,12 @@ class Service:
             # Stop waiting when the server shuts down: the client then gets ONGOING at
             # once instead of a dropped connection, and the exit keeps to the grace
             # period (the server would otherwise wait for this request first).
-            stopping = asyncio.ensure_future(self.engine.stopping())
-            try:
-                done, _ = await asyncio.wait(
-                    {task, stopping},
-                    timeout=self.settings.server.wait_result_timeout,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                stopping.cancel()
+            waits: set[asyncio.Future[Any]] = {task, self.engine.stopping()}
+            done, _ = await asyncio.wait(
+                waits,
+                timeout=self.settings.server.wait_result_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if task in done and not task.cancelled():
                 final = task.result()
         if final is None or final.status not in FINISHED:

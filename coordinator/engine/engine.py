@@ -54,6 +54,7 @@ class Engine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._stopped_future: asyncio.Future[None] | None = None
         self._next_partition = 0
         self.stats = {"claimed": 0, "finished": 0, "branch_calls": 0, "conflicts": 0}
 
@@ -71,7 +72,7 @@ class Engine:
         Cancelled work is not lost: its lease runs out and another engine (or this
         one, restarted) claims it again.
         """
-        self._stopping.set()
+        self._signal_stopping()
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -88,11 +89,24 @@ class Engine:
         requests, so that wait_result requests can answer at once (see Service._wait)
         instead of holding the exit past the grace period.
         """
-        self._stopping.set()
+        self._signal_stopping()
 
-    async def stopping(self) -> None:
-        """Return once the engine has begun to stop."""
-        await self._stopping.wait()
+    def stopping(self) -> asyncio.Future[None]:
+        """A future that completes once the engine has begun to stop.
+
+        One shared future rather than a task per waiter: every wait_result request
+        waits on it, so it has to cost nothing per request.
+        """
+        if self._stopped_future is None:
+            self._stopped_future = asyncio.get_running_loop().create_future()
+            if self._stopping.is_set():
+                self._stopped_future.set_result(None)
+        return self._stopped_future
+
+    def _signal_stopping(self) -> None:
+        self._stopping.set()
+        if self._stopped_future is not None and not self._stopped_future.done():
+            self._stopped_future.set_result(None)
 
     @property
     def active(self) -> int:
