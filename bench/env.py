@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -57,6 +58,14 @@ class Processes:
         log.close()
         self.children.append(proc)
 
+    def log_tail(self, lines: int = 20) -> str:
+        out = []
+        for path in sorted(self.logs.glob("*.log")):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            if text:
+                out.append(f"--- {path.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
     async def stop(self) -> None:
         for proc in self.children:
             if proc.returncode is None:
@@ -67,6 +76,8 @@ class Processes:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        if not os.environ.get("BENCH_KEEP_LOGS"):
+            shutil.rmtree(self.logs, ignore_errors=True)
 
 
 class BenchEnv:
@@ -79,6 +90,7 @@ class BenchEnv:
         self.port = free_port()
         self.procs = Processes()
         self._embedded: EmbeddedRedis | None = None
+        self._data_dir = Path()
         self.redis: aioredis.Redis | None = None
 
     @property
@@ -87,7 +99,8 @@ class BenchEnv:
 
     async def start(self) -> None:
         if not self.redis_url:
-            self._embedded = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="bench-redis-")))
+            self._data_dir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+            self._embedded = EmbeddedRedis(self._data_dir)
             self.redis_url = await self._embedded.start()
         self.redis = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
         await self.redis.flushdb()
@@ -111,6 +124,7 @@ class BenchEnv:
             await self.redis.aclose()
         if self._embedded is not None:
             await self._embedded.stop()
+            shutil.rmtree(self._data_dir, ignore_errors=True)
 
 
 async def redis_counters(client: aioredis.Redis) -> dict[str, int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import sys
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import orjson
 
@@ -26,8 +26,8 @@ class Participant(asyncio.Protocol):
     counts: ClassVar[collections.Counter[str]] = collections.Counter()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, hence the cast.
+        self.transport = cast(asyncio.Transport, transport)
         self.buffer = b""
 
     def data_received(self, data: bytes) -> None:

@@ -1,0 +1,66 @@
+"""Every benchmark scenario, run for a couple of seconds, with its checks asserted.
+
+Not a speed test: it keeps the benchmarks working (processes start, requests succeed,
+the flash sale's books balance), so that the figures in bench/README.md stay
+reproducible. Each scenario starts its own private redis-server.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from bench.flash_sale import flash_sale
+from bench.scenarios import RunOptions, redis_ceiling, saga_empty, saga_http
+from tests.conftest import require_service
+
+SHORT = RunOptions(duration=2.0, warmup=0.5, concurrency=8, workers=1)
+
+
+@pytest.fixture(autouse=True)
+def _redis_server_binary() -> None:
+    if shutil.which("redis-server") is None:
+        require_service("redis-server", "not on PATH")
+
+
+def _check_common(result: dict[str, object]) -> None:
+    assert result["errors"] == 0, result.get("error_samples")
+    for key in ("tx_per_s", "p50_ms", "p95_ms", "p99_ms", "redis_calls_per_tx",
+                "redis_bytes_per_tx"):
+        assert key in result
+    assert isinstance(result["tx_per_s"], float) and result["tx_per_s"] > 0
+
+
+async def test_saga_empty_runs() -> None:
+    result = await saga_empty(SHORT)
+    _check_common(result)
+    # Two scripts per saga (create, then finish), plus the idle claims of the poller.
+    assert 1.9 <= float(result["redis_calls_per_tx"]) < 3  # type: ignore[arg-type]
+    ceiling = result["ceiling"]
+    assert isinstance(ceiling, dict) and ceiling["tx_per_s"] > 0
+
+
+async def test_saga_with_participants_runs() -> None:
+    result = await saga_http(SHORT)
+    _check_common(result)
+    # create, the first action's result (written before the second call), finish.
+    assert 2.9 <= float(result["redis_calls_per_tx"]) < 4  # type: ignore[arg-type]
+
+
+async def test_flash_sale_books_balance() -> None:
+    result = await flash_sale(RunOptions(duration=3.0, warmup=0.5, concurrency=16,
+                                         workers=1, stock=300))
+    assert result["errors"] == 0, result.get("error_samples")
+    assert result["stock_sold"] == 300, result
+    assert result["orders"] == result["stock_sold"] == result["successful_buys"]
+    assert result["unfinished_transactions"] == 0
+    assert result["correct"] is True
+    # Sold out for most of the run: those requests still succeed as "sold out".
+    assert int(result["requests"]) > 300  # type: ignore[call-overload]
+
+
+async def test_redis_ceiling_runs() -> None:
+    result = await redis_ceiling(RunOptions(duration=1.0, warmup=0.0))
+    assert result["tx_per_s"] > 0
+    assert result["scripts_per_tx"] == 2
