@@ -103,6 +103,12 @@ if mode == 'renew' then
   redis.call('HSET', KEYS[1], 'lease_until', string.format('%d', until_ms))
   redis.call('ZADD', KEYS[3], until_ms, ARGV[1])
 elseif mode == 'release' then
+  -- A reschedule asked for while we held the lease (resetNextCronTime) wins over ours.
+  if redis.call('HGET', KEYS[1], 'poke') then
+    next_due = now
+    redis.call('HDEL', KEYS[1], 'poke')
+    redis.call('HSET', KEYS[1], 'next_cron_time', snow)
+  end
   redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
   redis.call('ZADD', KEYS[3], next_due or now, ARGV[1])
 elseif string.sub(mode, 1, 8) == 'acquire:' then
@@ -114,9 +120,12 @@ elseif string.sub(mode, 1, 8) == 'acquire:' then
     acquired = '1'
   end
 elseif next_due then
-  -- An API call with no lease: reschedule, unless a live lease already owns the entry.
+  -- An API call with no lease: reschedule, unless a live lease already owns the entry;
+  -- then leave a note that the owner's release honours.
   if owner == '' or lease_until <= now then
     redis.call('ZADD', KEYS[3], next_due, ARGV[1])
+  else
+    redis.call('HSET', KEYS[1], 'poke', '1')
   end
 end
 return {'OK', new, snow, acquired}

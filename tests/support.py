@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -16,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 from aiohttp import web
+
+from coordinator.keys import KeySpace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +48,7 @@ class Call:
         return (q.get("gid", ""), q.get("branch_id", ""), q.get("op", ""))
 
 
-# A reply is (status, body) or a callable (call) -> (status, body); "sleep:<s>" delays.
+# A reply is (status, body) or a callable (call) -> (status, body).
 Reply = tuple[int, str]
 Responder = Callable[[Call], Reply]
 
@@ -71,6 +75,7 @@ class Participant:
     overlaps: int = 0
     _plans: dict[tuple[str, str], list[Reply | Responder]] = field(default_factory=dict)
     _inflight: dict[tuple[str, str, str], int] = field(default_factory=lambda: defaultdict(int))
+    _delays: dict[tuple[str, str], float] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
 
     def url(self, path: str) -> str:
@@ -81,6 +86,10 @@ class Participant:
 
     def plan_for(self, gid: str, path: str, *replies: Reply | Responder) -> None:
         self._plans[(gid, "/" + path.lstrip("/"))] = list(replies)
+
+    def delay_for(self, gid: str, path: str, seconds: float) -> None:
+        """Answer one gid's calls of a path after `seconds` (instead of `delay`)."""
+        self._delays[(gid, "/" + path.lstrip("/"))] = seconds
 
     def calls_to(self, path: str, gid: str | None = None) -> list[Call]:
         p = "/" + path.lstrip("/")
@@ -108,8 +117,9 @@ class Participant:
         if self._inflight[call.key] > 1:
             self.overlaps += 1
         try:
-            if self.delay:
-                await asyncio.sleep(self.delay)
+            delay = self._delays.get((call.query.get("gid", ""), call.path), self.delay)
+            if delay:
+                await asyncio.sleep(delay)
             status, body = self._next(call)
             call.status = status
             return web.Response(status=status, text=body, content_type="application/json")
@@ -206,6 +216,23 @@ class CoordinatorProcess:
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
 
+    async def signal_and_wait(self, sig: int, timeout: float) -> int | None:
+        """Send `sig` and wait for the exit without blocking the event loop (participants
+        in this loop must keep answering); the exit code, or None if still running."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        proc = self.proc
+        with contextlib.suppress(AssertionError):
+            await wait_for(lambda: proc.poll() is not None, timeout, 0.02, "the exit")
+        return proc.poll()
+
+    async def aclose(self, grace: float = 15.0) -> None:
+        """Stop it like `stop`, but without blocking the event loop; SIGKILL if it lingers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if await self.signal_and_wait(signal.SIGTERM, grace) is None:
+            self.kill(signal.SIGKILL)
+
 
 async def wait_for(
     predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = ""
@@ -255,3 +282,162 @@ class Api:
 
         await wait_for(done, timeout, 0.05, f"{gid} to reach {statuses} (last {seen!r})")
         return seen
+
+
+def saga_body(gid: str, participant: Participant, steps: int, **options: Any) -> dict[str, Any]:
+    """A sequential saga whose step i (1-based) calls a<i> and compensates with c<i>."""
+    return {
+        "gid": gid,
+        "trans_type": "saga",
+        "steps": [
+            {"action": participant.url(f"a{i}"), "compensate": participant.url(f"c{i}")}
+            for i in range(1, steps + 1)
+        ],
+        "payloads": [f'{{"step":{i}}}' for i in range(1, steps + 1)],
+        **options,
+    }
+
+
+async def submit_all(
+    session: aiohttp.ClientSession, api: str, bodies: list[dict[str, Any]], parallel: int = 32
+) -> None:
+    """Submit every body (at most `parallel` at once); each must be accepted."""
+    gate = asyncio.Semaphore(parallel)
+
+    async def one(body: dict[str, Any]) -> None:
+        async with gate, session.post(f"{api}/submit", json=body) as r:
+            text = await r.text()
+            assert r.status == 200, f"submit {body['gid']}: {r.status} {text}"
+
+    await asyncio.gather(*(one(b) for b in bodies))
+
+
+class StoreProbe:
+    """Reads transaction hashes straight from Redis, as redis-cli would: no coordinator."""
+
+    def __init__(self, redis_url: str, prefix: str, partitions: int = 16) -> None:
+        self.client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        self.keys = KeySpace(prefix, partitions)
+
+    async def fields(self, gids: list[str], *names: str) -> dict[str, list[str | None]]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for gid in gids:
+                pipe.hmget(self.keys.for_gid(gid).trans, list(names))
+            rows = await pipe.execute()
+        return dict(zip(gids, rows, strict=True))
+
+    async def statuses(self, gids: list[str]) -> dict[str, str]:
+        return {gid: row[0] or "" for gid, row in (await self.fields(gids, "status")).items()}
+
+    async def wait_final(self, gids: list[str], timeout: float) -> dict[str, str]:
+        """Wait until every transaction succeeded or failed; their final statuses."""
+        last: dict[str, str] = {}
+
+        async def done() -> bool:
+            nonlocal last
+            last = await self.statuses(gids)
+            return all(s in ("succeed", "failed") for s in last.values())
+
+        try:
+            await wait_for(done, timeout, 0.2, "every transaction to finish")
+        except AssertionError:
+            open_ = [g for g, s in last.items() if s not in ("succeed", "failed")]
+            detail = await self.fields(
+                open_[:5], "status", "owner", "lease_until", "next_cron_time", "update_time"
+            )
+            raise AssertionError(
+                f"{len(open_)} of {len(gids)} unfinished after {timeout}s "
+                f"(status, owner, lease_until, next_cron_time, update_time): {detail}"
+            ) from None
+        return last
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def calls_by_gid(participant: Participant, gids: list[str]) -> dict[str, list[Call]]:
+    out: dict[str, list[Call]] = {gid: [] for gid in gids}
+    for call in participant.calls:
+        out.setdefault(call.query.get("gid", ""), []).append(call)
+    return out
+
+
+def check_saga_calls(
+    gid: str, calls: list[Call], steps: int, fail_step: int | None, most: int
+) -> int:
+    """Check what a participant saw of one finished `saga_body` saga; return the repeats.
+
+    Succeeded (fail_step None): every action a<i> ran, in order, its last answer 200, and
+    nothing was compensated. Failed at `fail_step`: the actions up to it ran in order, none
+    after it, and each of those steps was compensated, last step first, only once the
+    refusal was answered, each compensation's last call succeeding. Every branch was
+    called at least once and at most `most` times.
+    """
+
+    def of(path: str) -> list[Call]:
+        return [c for c in calls if c.path == f"/{path}"]
+
+    repeats = 0
+    ran = range(1, (fail_step or steps) + 1)
+    for i in range((fail_step or steps) + 1, steps + 1):
+        assert not of(f"a{i}"), f"{gid}: a{i} ran after step {fail_step} failed"
+        assert not of(f"c{i}"), f"{gid}: c{i} ran but a{i} never did"
+    previous_ok = 0.0
+    for i in ran:
+        acts = of(f"a{i}")
+        assert acts, f"{gid}: a{i} never called"
+        assert len(acts) <= most, f"{gid}: a{i} called {len(acts)} times"
+        assert min(c.started for c in acts) >= previous_ok, f"{gid}: a{i} ran too early"
+        repeats += len(acts) - 1
+        if i == fail_step:
+            assert all(c.status == FAIL[0] for c in acts), f"{gid}: a{i} was not refused"
+        else:
+            assert acts[-1].status == 200, f"{gid}: a{i}'s last call did not succeed"
+            previous_ok = min(c.ended for c in acts if c.status == 200)
+    if fail_step is None:
+        assert not any(c.path.startswith("/c") for c in calls), f"{gid}: compensated"
+        return repeats
+    # Compensation starts once the refusal was answered, then goes backwards: step i is
+    # undone only after step i+1's compensation succeeded.
+    not_before = min(c.ended for c in of(f"a{fail_step}"))
+    for i in reversed(ran):
+        comp = of(f"c{i}")
+        assert comp, f"{gid}: c{i} never called although a{i} ran"
+        assert len(comp) <= most, f"{gid}: c{i} called {len(comp)} times"
+        assert comp[-1].status == 200, f"{gid}: c{i}'s last call did not succeed"
+        assert min(c.started for c in comp) >= not_before, f"{gid}: c{i} ran too early"
+        not_before = min(c.ended for c in comp if c.status == 200)
+        repeats += len(comp) - 1
+    return repeats
+
+
+class AppServer:
+    """An aiohttp application served on a loopback port (SDK-built participants).
+
+    `stop()` and `start()` again keep the port, like a service restarted in place; give a
+    factory to get a fresh application (fresh state) on each start.
+    """
+
+    def __init__(
+        self, app: web.Application | Callable[[], web.Application], port: int = 0,
+        shutdown_timeout: float = 0.5,
+    ) -> None:
+        self.app = app
+        self.port = port or free_port()
+        self.shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    async def start(self) -> AppServer:
+        app = self.app if isinstance(self.app, web.Application) else self.app()
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_timeout)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()

@@ -246,3 +246,29 @@ async def test_scripts_are_called_by_sha_and_reload_after_script_flush(
             if x.trans.gid == "flush-1"] == ["flush-1"]
     names = ("load", "create", "transition", "claim")
     assert await c.script_exists(*(rstore.scripts[n].sha for n in names)) == [True] * 4
+
+
+async def test_reschedule_during_a_lease_is_honoured_at_release(rstore: RedisStore) -> None:
+    """resetNextCronTime while a worker holds the lease must not be lost at its release."""
+    c = rstore.client
+    keys = rstore.keys.for_gid("poke-1")
+    await rstore.create(make_trans("poke-1"), due_in_ms=0)
+    [claimed] = await rstore.claim(rstore.keys.partition("poke-1"), 10, "w")
+    # The API asks for an immediate retry while the lease is live: the entry stays put.
+    await rstore.transition("poke-1", Transition(SUBMITTED, next_due_ms=0))
+    lease_end = await c.zscore(keys.due, "poke-1")
+    assert lease_end is not None
+    # The worker releases, planning to come back in an hour; the request wins.
+    result = await rstore.transition("poke-1", Transition(
+        SUBMITTED, owner=claimed.token, lease="release", next_due_ms=3_600_000))
+    due = await c.zscore(keys.due, "poke-1")
+    assert due is not None
+    assert due <= result.now
+    assert await c.hget(keys.trans, "poke") is None
+    # Without a request, a release keeps the worker's own schedule.
+    [again] = await rstore.claim(rstore.keys.partition("poke-1"), 10, "w2")
+    later = await rstore.transition("poke-1", Transition(
+        SUBMITTED, owner=again.token, lease="release", next_due_ms=3_600_000))
+    due = await c.zscore(keys.due, "poke-1")
+    assert due is not None
+    assert due >= later.now + 3_500_000
