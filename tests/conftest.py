@@ -5,9 +5,11 @@ Under CI=true a missing service is an error, never a skip.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -69,3 +71,86 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 def api(session: aiohttp.ClientSession, coordinator: CoordinatorProcess) -> Api:
     return Api(session, coordinator.api)
+
+
+# -- SQL databases and an asyncio Redis client for the SDK's barrier tests ------------------
+
+POSTGRES_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+MYSQL_HOST = os.environ.get("TEST_MYSQL_HOST", "127.0.0.1")
+MYSQL_PORT = int(os.environ.get("TEST_MYSQL_PORT", "3306"))
+MYSQL_USER = os.environ.get("TEST_MYSQL_USER", "root")
+MYSQL_PASSWORD = os.environ.get("TEST_MYSQL_PASSWORD", "")
+MYSQL_DB = os.environ.get("TEST_MYSQL_DB", "test")
+
+
+async def open_pg_pool(max_size: int = 8) -> Any:
+    """An asyncpg pool on the test database with the barrier table in place."""
+    import asyncpg
+
+    from coordinator.client.barrier_postgres import ensure_barrier_table
+
+    try:
+        pool = await asyncpg.create_pool(POSTGRES_DSN, min_size=1, max_size=max_size, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        require_service("PostgreSQL", f"{POSTGRES_DSN}: {exc}")
+    async with pool.acquire() as conn:
+        await ensure_barrier_table(conn)
+    return pool
+
+
+async def open_mysql_pool(max_size: int = 8) -> Any:
+    """An aiomysql pool on the test database with the barrier table in place."""
+    import aiomysql
+    import pymysql
+
+    from coordinator.client.barrier_mysql import ensure_barrier_table
+
+    try:
+        pool = await aiomysql.create_pool(
+            host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASSWORD,
+            db=MYSQL_DB, minsize=1, maxsize=max_size, connect_timeout=5,
+        )
+    except (OSError, pymysql.err.OperationalError) as exc:
+        require_service("MySQL/MariaDB", f"{MYSQL_HOST}:{MYSQL_PORT}: {exc}")
+    async with pool.acquire() as conn:
+        await ensure_barrier_table(conn)
+    return pool
+
+
+@pytest.fixture
+async def pg_pool() -> AsyncIterator[Any]:
+    pool = await open_pg_pool()
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def mysql_pool() -> AsyncIterator[Any]:
+    pool = await open_mysql_pool()
+    yield pool
+    pool.close()
+    await pool.wait_closed()
+
+
+@pytest.fixture
+async def aredis(redis_url: str) -> AsyncIterator[Any]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def shared_coordinator(redis_url: str) -> Iterator[CoordinatorProcess]:
+    """One `coordinator serve` for a whole module, for tests that only need unique gids
+    (starting a process per test costs about two seconds)."""
+    name = "t" + uuid.uuid4().hex[:10]
+    proc = asyncio.run(CoordinatorProcess(redis_url, name).start())
+    yield proc
+    proc.stop()
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()

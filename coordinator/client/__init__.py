@@ -31,6 +31,7 @@ from coordinator.client.participant import (
 from coordinator.client.saga import Saga
 from coordinator.client.tcc import Tcc, tcc_global
 from coordinator.client.xa import Xa, register_xa_branch, xa_global
+from coordinator.client.xa_mysql import xa_local_transaction, xa_phase2
 
 __all__ = [
     "BarrierResult",
@@ -62,4 +63,6 @@ __all__ = [
     "response_for",
     "tcc_global",
     "xa_global",
+    "xa_local_transaction",
+    "xa_phase2",
 ]

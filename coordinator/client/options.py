@@ -29,7 +29,9 @@ class TransOptions:
     request_timeout: int = 0
     retry_interval: int = 0
     retry_limit: int = 0
-    branch_headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    branch_headers: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
     concurrent: bool = False
 
     def __post_init__(self) -> None:
