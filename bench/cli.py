@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.scenarios import RunOptions, redis_ceiling, saga_empty, saga_http
+from bench.scenarios import RunOptions, loadgen_ceiling, redis_ceiling, saga_empty, saga_http
 
 Scenario = Callable[[RunOptions], Coroutine[Any, Any, dict[str, Any]]]
 
@@ -24,11 +24,13 @@ def _scenarios() -> dict[str, Scenario]:
         "saga": saga_http,
         "flash-sale": flash_sale,
         "redis-ceiling": redis_ceiling,
+        "loadgen-ceiling": loadgen_ceiling,
     }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", choices=["saga-empty", "saga", "flash-sale", "redis-ceiling"])
+    p.add_argument("scenario", choices=["saga-empty", "saga", "flash-sale", "redis-ceiling",
+                                        "loadgen-ceiling"])
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first")
     p.add_argument("--concurrency", type=int, default=64, help="concurrent client connections")

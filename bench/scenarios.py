@@ -194,3 +194,37 @@ async def redis_ceiling(opts: RunOptions) -> dict[str, Any]:
                 "redis_bytes_per_tx": None, "timeline": []}
     finally:
         await env.stop()
+
+
+async def loadgen_ceiling(opts: RunOptions) -> dict[str, Any]:
+    """The load generator against a trivial server: what it can drive at most.
+
+    If this is far above a scenario's rate, the generator is not what limits it.
+    """
+    env = BenchEnv(opts.redis_url, 1)
+    await env.start()
+    try:
+        port = await env.spawn_participant()
+        recorder = Recorder()
+        progress = asyncio.create_task(
+            show_progress("loadgen", recorder, opts.warmup, opts.duration)
+        )
+
+        def factory(n: int) -> tuple[str, str, bytes]:
+            return "POST", "/noop", b"{}"
+
+        result = await run_load("127.0.0.1", port, factory, ok_200,
+                                concurrency=opts.concurrency, duration=opts.duration,
+                                warmup=opts.warmup, recorder=recorder)
+        progress.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await progress
+        s = summarize(recorder, opts.duration)
+        return {"scenario": "loadgen-ceiling", "tx_per_s": round(s.per_s, 1),
+                "p50_ms": round(s.p50_ms, 2), "p95_ms": round(s.p95_ms, 2),
+                "p99_ms": round(s.p99_ms, 2), "errors": result.errors,
+                "redis_calls_per_tx": 0, "redis_bytes_per_tx": 0,
+                "timeline": timeline(recorder, time.perf_counter() - opts.duration,
+                                     int(opts.duration))}
+    finally:
+        await env.stop()
