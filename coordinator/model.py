@@ -7,7 +7,23 @@ machines read them; neither side reaches into the other.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+
+def evolve(obj: _T, **changes: Any) -> _T:
+    """A copy of a frozen record with some fields changed.
+
+    dataclasses.replace re-runs __init__ with every field; on the engine's hot path that
+    was a tenth of the CPU per transaction. These records have no __post_init__ and no
+    slots, so copying the instance dict is equivalent and several times cheaper.
+    """
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    new.__dict__.update(changes)
+    return new
 
 
 class Status(enum.StrEnum):
@@ -115,10 +131,10 @@ class Trans:
         """A copy with some branch statuses changed (keys are `Branch.key`)."""
         if not updates:
             return self
-        return replace(
+        return evolve(
             self,
             branches=tuple(
-                replace(b, status=updates[b.key]) if b.key in updates else b
+                evolve(b, status=updates[b.key]) if b.key in updates else b
                 for b in self.branches
             ),
         )

@@ -30,6 +30,12 @@ from coordinator.client.participant import (
 )
 from coordinator.client.saga import Saga
 from coordinator.client.tcc import Tcc, tcc_global
+from coordinator.client.workflow import (
+    Workflow,
+    WorkflowError,
+    WorkflowFunction,
+    WorkflowRegistry,
+)
 from coordinator.client.xa import Xa, register_xa_branch, xa_global
 from coordinator.client.xa_mysql import xa_local_transaction, xa_phase2
 
@@ -54,6 +60,10 @@ __all__ = [
     "TransOptions",
     "TransactionFailed",
     "TransactionOngoing",
+    "Workflow",
+    "WorkflowError",
+    "WorkflowFunction",
+    "WorkflowRegistry",
     "Xa",
     "branch_handler",
     "local_gid",

@@ -14,7 +14,6 @@ import logging
 import time
 import uuid
 from collections.abc import Coroutine, Mapping
-from dataclasses import replace
 from typing import Any
 
 from coordinator.engine.caller import BranchCaller
@@ -29,7 +28,7 @@ from coordinator.machines.base import (
     deadline_ms,
     next_interval,
 )
-from coordinator.model import FINISHED, BranchStatus, Status, Trans
+from coordinator.model import FINISHED, BranchStatus, Status, Trans, evolve
 from coordinator.settings import EngineSettings
 from coordinator.store.base import Store, Transition
 
@@ -189,7 +188,7 @@ class Engine:
             now = await self.store.create(
                 trans, due_in_ms=due_in_ms, owner=token, lease_ms=self.lease_ms
             )
-            stored = replace(trans, create_time=now, update_time=now, owner=token)
+            stored = evolve(trans, create_time=now, update_time=now, owner=token)
             return self.spawn(self._run(stored, token, now))
         await self.store.create(trans, due_in_ms=due_in_ms)
         return None
@@ -274,7 +273,7 @@ class Run:
         self.pending.update(verdict.branch_updates)
         self.pending_fields.update(verdict.fields)
         if "retry_count" in verdict.fields:
-            self.trans = replace(self.trans, retry_count=int(verdict.fields["retry_count"]))
+            self.trans = evolve(self.trans, retry_count=int(verdict.fields["retry_count"]))
         if verdict.new_status is not None:
             return await self._move(verdict.new_status, verdict.reason)
         if verdict.retry is not Retry.NONE:
@@ -293,7 +292,7 @@ class Run:
         # again (see next_interval); resetting to the base made it wait twice that.
         if self.trans.next_cron_interval:
             self.pending_fields["next_cron_interval"] = "0"
-            self.trans = replace(self.trans, next_cron_interval=0)
+            self.trans = evolve(self.trans, next_cron_interval=0)
         return True
 
     async def _move(self, status: Status, reason: str) -> bool:
@@ -301,7 +300,7 @@ class Run:
             self.pending_fields["rollback_reason"] = reason
         ok = await self._write(new_status=status, lease="renew")
         if ok:
-            self.trans = replace(self.trans, status=status, rollback_reason=reason or
+            self.trans = evolve(self.trans, status=status, rollback_reason=reason or
                                  self.trans.rollback_reason)
             if status in FINISHED:
                 self.engine.stats["finished"] += 1
@@ -352,5 +351,5 @@ class Run:
         self._clock_base = (result.now, time.monotonic())
         if lease == "renew":
             self._lease_until = sent + lease_ms / 1000
-        self.trans = replace(self.trans, status=result.status, update_time=result.now)
+        self.trans = evolve(self.trans, status=result.status, update_time=result.now)
         return True

@@ -9,6 +9,7 @@ its compensation, in reverse order of the prerequisites, and the saga ends faile
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class Ordering:
         return tuple(s for s in range(count) if step in self.before(s))
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_ordering(custom_data: str, concurrent_option: bool, steps: int) -> Ordering:
     """Read ``{"concurrent": bool, "orders": {"1": [0]}}``; raises ValueError if invalid."""
     concurrent = concurrent_option
