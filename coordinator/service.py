@@ -104,6 +104,16 @@ class Service:
         if status not in (Status.SUCCEED.value, Status.FAILED.value):
             raise BadRequest("req_extra.status must be succeed or failed", "req_extra")
         fields = {k: extra[k] for k in ("rollback_reason", "result") if extra.get(k)}
+        # Only a workflow may be finished by its client's word: the same submit on a
+        # prepared tcc/xa/msg would end it without any confirm or cancel being called.
+        # The status compare-and-set below still guards against a concurrent change.
+        stored = await self.store.load(trans.gid)
+        if stored is None:
+            raise NotFound(f"no transaction with gid '{trans.gid}'")
+        if stored.trans_type != "workflow":
+            raise TransactionFailure(
+                f"transaction {trans.gid} is a {stored.trans_type}, not a workflow"
+            )
         await self.store.transition(
             trans.gid, Transition(expected=PREPARED, new_status=Status(status), fields=fields)
         )

@@ -844,3 +844,14 @@ async def test_reset_cron_time_exact_limit_has_nothing_remaining(
     assert status == 200
     assert reply == {"has_remaining": False, "succeed_count": 1}
     await api.wait_status(gid, "succeed", timeout=5)
+
+
+async def test_workflow_submit_cannot_finish_another_mode(api: Api) -> None:
+    """A workflow-style submit must not end a prepared TCC without its cancels/confirms."""
+    gid = new_gid("wf-guard-tcc")
+    assert (await api.post("prepare", {"gid": gid, "trans_type": "tcc"}))[0] == 200
+    status, body = await api.post("submit", {
+        "gid": gid, "trans_type": "workflow", "req_extra": {"status": "succeed"}})
+    assert status == 409, body
+    assert "not a workflow" in body["message"]
+    assert await api.status(gid) == "prepared"

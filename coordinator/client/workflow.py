@@ -35,6 +35,13 @@ How an execution ends:
 Determinism: a replay must ask for the same steps in the same order, because a step is
 known by its position (branch ids ``01``, ``02``…, at most 99 per workflow). Branch
 on step results, never on the clock or randomness outside a step.
+
+Delivery: a step is recorded after its action returns, so a crash (or a lost
+``registerBranch``) in between runs the action again on resume: at least once, like a
+saga branch; use the step's barrier for exactly-once effects. One registry runs a gid
+once at a time (its recovery handler answers ONGOING meanwhile), but executions of one
+gid in two processes are not fenced: keep ``timeout_to_fail`` above a workflow's
+normal duration so the recovery call does not start a second copy elsewhere.
 """
 
 from __future__ import annotations
@@ -448,7 +455,7 @@ class WorkflowRegistry:
                     {"message": "a workflow recovery call needs op and gid"}, status=400
                 )
             body = await request.read()
-            if False:
+            if self.is_running(gid):
                 return ongoing_response(f"workflow {gid} is being executed")
             try:
                 await self.execute(name, gid, body)
