@@ -41,11 +41,17 @@ local function create_transaction(K, A)
   redis.call('HSET', K[1], unpack(hset))
 
   local branches = cjson.decode(A[4])
+  local bset = {}
   for i, b in ipairs(branches) do
     b['seq'] = i
     b['create_time'] = snow
     b['update_time'] = snow
-    redis.call('HSET', K[2], b['branch_id'] .. ':' .. b['op'], cjson.encode(b))
+    bset[#bset + 1] = b['branch_id'] .. ':' .. b['op']
+    bset[#bset + 1] = cjson.encode(b)
+  end
+  if #bset > 0 then
+    -- One write for all branches: each redis.call has a fixed cost of its own.
+    redis.call('HSET', K[2], unpack(bset))
   end
 
   redis.call('ZADD', K[3], score, A[1])

@@ -20,7 +20,11 @@
 -- returns {"OK", status, now_ms, acquired ("1"/"0")}, {"NOT_FOUND"},
 --         {"CONFLICT", current_status} or {"LEASE_LOST", current_owner}
 
-local status = redis.call('HGET', KEYS[1], 'status')
+-- One read of the fields this script decides on, and at most one HSET and one HDEL per
+-- hash at the end: every redis.call costs more than the command itself.
+local cur = redis.call('HMGET', KEYS[1], 'status', 'owner', 'lease_until', 'created_member',
+  'poke')
+local status = cur[1]
 if not status then
   -- No index entry may outlive its transaction.
   redis.call('ZREM', KEYS[3], ARGV[1])
@@ -37,7 +41,7 @@ if not allowed then
   return {'CONFLICT', status}
 end
 
-local owner = redis.call('HGET', KEYS[1], 'owner') or ''
+local owner = cur[2] or ''
 if ARGV[3] ~= '' and owner ~= ARGV[3] then
   return {'LEASE_LOST', owner}
 end
@@ -46,20 +50,29 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local snow = string.format('%d', now)
 
-for k, v in pairs(cjson.decode(ARGV[5])) do
-  redis.call('HSET', KEYS[1], k, v)
+-- Branch results: read the records to change in one HMGET, write them in one HSET.
+local updates = cjson.decode(ARGV[6])
+local bkeys = {}
+for key, _ in pairs(updates) do
+  bkeys[#bkeys + 1] = key
 end
-
-for key, bstatus in pairs(cjson.decode(ARGV[6])) do
-  local raw = redis.call('HGET', KEYS[2], key)
-  if raw then
-    local b = cjson.decode(raw)
-    b['status'] = bstatus
-    b['update_time'] = snow
-    if bstatus ~= 'prepared' then
-      b['finish_time'] = snow
+if #bkeys > 0 then
+  local raws = redis.call('HMGET', KEYS[2], unpack(bkeys))
+  local bset = {}
+  for i, key in ipairs(bkeys) do
+    if raws[i] then
+      local b = cjson.decode(raws[i])
+      b['status'] = updates[key]
+      b['update_time'] = snow
+      if updates[key] ~= 'prepared' then
+        b['finish_time'] = snow
+      end
+      bset[#bset + 1] = key
+      bset[#bset + 1] = cjson.encode(b)
     end
-    redis.call('HSET', KEYS[2], key, cjson.encode(b))
+  end
+  if #bset > 0 then
+    redis.call('HSET', KEYS[2], unpack(bset))
   end
 end
 
@@ -67,23 +80,24 @@ local new = status
 if ARGV[4] ~= '' then
   new = ARGV[4]
 end
-redis.call('HSET', KEYS[1], 'status', new, 'update_time', snow)
+local hset = {'status', new, 'update_time', snow}
+for k, v in pairs(cjson.decode(ARGV[5])) do
+  hset[#hset + 1] = k
+  hset[#hset + 1] = v
+end
 
 if new == 'succeed' or new == 'failed' then
-  if new == 'succeed' then
-    redis.call('HSET', KEYS[1], 'finish_time', snow)
-  else
-    redis.call('HSET', KEYS[1], 'rollback_time', snow)
-  end
-  redis.call('HDEL', KEYS[1], 'owner', 'lease_until', 'next_cron_time')
+  hset[#hset + 1] = (new == 'succeed') and 'finish_time' or 'rollback_time'
+  hset[#hset + 1] = snow
+  redis.call('HSET', KEYS[1], unpack(hset))
+  redis.call('HDEL', KEYS[1], 'owner', 'lease_until', 'next_cron_time', 'poke')
   redis.call('ZREM', KEYS[3], ARGV[1])
   -- Every key of the transaction expires at the same moment, set here in one script.
   local ttl = tonumber(ARGV[10])
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
-  local member = redis.call('HGET', KEYS[1], 'created_member')
-  if member then
-    redis.call('ZADD', KEYS[5], now + ttl * 1000, member)
+  if cur[4] then
+    redis.call('ZADD', KEYS[5], now + ttl * 1000, cur[4])
   end
   return {'OK', new, snow, '0'}
 end
@@ -91,31 +105,35 @@ end
 local lease_ms = tonumber(ARGV[9])
 local mode = ARGV[8]
 local acquired = '0'
-local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+local lease_until = tonumber(cur[3] or '0')
+local hdel = {}
 local next_due = nil
 if ARGV[7] ~= '' then
   next_due = now + tonumber(ARGV[7])
-  redis.call('HSET', KEYS[1], 'next_cron_time', string.format('%d', next_due))
 end
 
 if mode == 'renew' then
   local until_ms = now + lease_ms
-  redis.call('HSET', KEYS[1], 'lease_until', string.format('%d', until_ms))
+  hset[#hset + 1] = 'lease_until'
+  hset[#hset + 1] = string.format('%d', until_ms)
   redis.call('ZADD', KEYS[3], until_ms, ARGV[1])
 elseif mode == 'release' then
   -- A reschedule asked for while we held the lease (resetNextCronTime) wins over ours.
-  if redis.call('HGET', KEYS[1], 'poke') then
+  if cur[5] then
     next_due = now
-    redis.call('HDEL', KEYS[1], 'poke')
-    redis.call('HSET', KEYS[1], 'next_cron_time', snow)
+    hdel[#hdel + 1] = 'poke'
   end
-  redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
-  redis.call('ZADD', KEYS[3], next_due or now, ARGV[1])
+  hdel[#hdel + 1] = 'owner'
+  hdel[#hdel + 1] = 'lease_until'
+  next_due = next_due or now
+  redis.call('ZADD', KEYS[3], next_due, ARGV[1])
 elseif string.sub(mode, 1, 8) == 'acquire:' then
   if owner == '' or lease_until <= now then
     local until_ms = now + lease_ms
-    redis.call('HSET', KEYS[1], 'owner', string.sub(mode, 9), 'lease_until',
-      string.format('%d', until_ms))
+    hset[#hset + 1] = 'owner'
+    hset[#hset + 1] = string.sub(mode, 9)
+    hset[#hset + 1] = 'lease_until'
+    hset[#hset + 1] = string.format('%d', until_ms)
     redis.call('ZADD', KEYS[3], until_ms, ARGV[1])
     acquired = '1'
   end
@@ -125,7 +143,16 @@ elseif next_due then
   if owner == '' or lease_until <= now then
     redis.call('ZADD', KEYS[3], next_due, ARGV[1])
   else
-    redis.call('HSET', KEYS[1], 'poke', '1')
+    hset[#hset + 1] = 'poke'
+    hset[#hset + 1] = '1'
   end
+end
+if next_due then
+  hset[#hset + 1] = 'next_cron_time'
+  hset[#hset + 1] = string.format('%d', next_due)
+end
+redis.call('HSET', KEYS[1], unpack(hset))
+if #hdel > 0 then
+  redis.call('HDEL', KEYS[1], unpack(hdel))
 end
 return {'OK', new, snow, acquired}
