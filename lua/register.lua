@@ -9,17 +9,13 @@
 --           or "upsert" (a workflow step's newer result replaces the older one)
 -- returns {"OK", now_ms, added}, {"NOT_FOUND"} or {"CONFLICT", current_status}
 
+--!include lib_expect.lua
+
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   return {'NOT_FOUND'}
 end
-local allowed = false
-for s in string.gmatch(ARGV[2], '[^,]+') do
-  if s == status then
-    allowed = true
-  end
-end
-if not allowed then
+if not status_in(ARGV[2], status) then
   return {'CONFLICT', status}
 end
 

@@ -20,6 +20,8 @@
 -- returns {"OK", status, now_ms, acquired ("1"/"0")}, {"NOT_FOUND"},
 --         {"CONFLICT", current_status} or {"LEASE_LOST", current_owner}
 
+--!include lib_expect.lua
+
 -- One read of the fields this script decides on, and at most one HSET and one HDEL per
 -- hash at the end: every redis.call costs more than the command itself.
 local cur = redis.call('HMGET', KEYS[1], 'status', 'owner', 'lease_until', 'created_member',
@@ -31,13 +33,7 @@ if not status then
   return {'NOT_FOUND'}
 end
 
-local allowed = false
-for s in string.gmatch(ARGV[2], '[^,]+') do
-  if s == status then
-    allowed = true
-  end
-end
-if not allowed then
+if not status_in(ARGV[2], status) then
   return {'CONFLICT', status}
 end
 

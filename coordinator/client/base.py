@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar, TypeVar
 
 import orjson
 
@@ -79,3 +81,40 @@ class TransBase:
     async def _call(self, op: str) -> None:
         async with borrow(self.dtm) as client:
             await client.post(op, self.to_wire())
+
+
+class PhasedTrans(TransBase):
+    """TCC and XA: prepared first, branches registered while it runs, then submitted
+    (confirm/commit every branch) or aborted (cancel/rollback every branch)."""
+
+    async def prepare(self) -> None:
+        await self._call("prepare")
+
+    async def submit(self) -> None:
+        await self._call("submit")
+
+    async def abort(self, reason: str = "") -> None:
+        self.rollback_reason = reason[:1000]
+        await self._call("abort")
+
+
+_P = TypeVar("_P", bound=PhasedTrans)
+
+
+@contextlib.asynccontextmanager
+async def phased_scope(trans: _P) -> AsyncIterator[_P]:
+    """Prepare; submit when the block ends, abort if it raises (and re-raise)."""
+    await trans.prepare()
+    try:
+        yield trans
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        # Also on cancellation: the branches that ran must be undone. If the abort
+        # itself fails, the prepared transaction times out and is aborted anyway.
+        try:
+            await trans.abort(f"{type(exc).__name__}: {exc}")
+        except Exception as abort_exc:
+            exc.add_note(f"abort of {trans.trans_type} {trans.gid} failed too: {abort_exc!r}")
+        raise
+    await trans.submit()

@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 
-from coordinator.client.base import BranchIds, TransBase, encode_payload
+from coordinator.client.base import BranchIds, PhasedTrans, encode_payload, phased_scope
 from coordinator.client.http import BranchReply, DtmClient, borrow
 from coordinator.client.options import TransOptions
 
 
-class Tcc(TransBase):
+class Tcc(PhasedTrans):
     trans_type = "tcc"
 
     def __init__(
@@ -37,16 +37,6 @@ class Tcc(TransBase):
         if not gid or not branch:
             raise ValueError(f"not a tcc branch request: gid={gid!r} branch_id={branch!r}")
         return cls(dtm, gid, parent_branch=branch)
-
-    async def prepare(self) -> None:
-        await self._call("prepare")
-
-    async def submit(self) -> None:
-        await self._call("submit")
-
-    async def abort(self, reason: str = "") -> None:
-        self.rollback_reason = reason[:1000]
-        await self._call("abort")
 
     async def call_branch(
         self, payload: object, try_url: str, confirm_url: str, cancel_url: str
@@ -75,19 +65,5 @@ async def tcc_global(
     dtm: str | DtmClient, gid: str, options: TransOptions | None = None
 ) -> AsyncIterator[Tcc]:
     """Prepare a TCC transaction; submit it when the block ends, abort it if it raises."""
-    async with borrow(dtm) as client:
-        tcc = Tcc(client, gid, options)
-        await tcc.prepare()
-        try:
-            yield tcc
-        except GeneratorExit:
-            raise
-        except BaseException as exc:
-            # Also on cancellation: the Trys that ran must be cancelled. If the abort
-            # itself fails, the prepared transaction times out and is cancelled anyway.
-            try:
-                await tcc.abort(f"{type(exc).__name__}: {exc}")
-            except Exception as abort_exc:
-                exc.add_note(f"abort of tcc {gid} failed too: {abort_exc!r}")
-            raise
-        await tcc.submit()
+    async with borrow(dtm) as client, phased_scope(Tcc(client, gid, options)) as tcc:
+        yield tcc

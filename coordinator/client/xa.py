@@ -19,12 +19,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from coordinator.client.base import BranchIds, TransBase, encode_payload
+from coordinator.client.base import BranchIds, PhasedTrans, encode_payload, phased_scope
 from coordinator.client.http import BranchReply, DtmClient, borrow
 from coordinator.client.options import TransOptions
 
 
-class Xa(TransBase):
+class Xa(PhasedTrans):
     trans_type = "xa"
 
     def __init__(
@@ -32,16 +32,6 @@ class Xa(TransBase):
     ) -> None:
         super().__init__(dtm, gid, options)
         self.ids = BranchIds()
-
-    async def prepare(self) -> None:
-        await self._call("prepare")
-
-    async def submit(self) -> None:
-        await self._call("submit")
-
-    async def abort(self, reason: str = "") -> None:
-        self.rollback_reason = reason[:1000]
-        await self._call("abort")
 
     async def call_branch(self, payload: object, url: str) -> BranchReply:
         """POST the branch's action; it registers itself once its XA part is prepared."""
@@ -74,17 +64,5 @@ async def xa_global(
 ) -> AsyncIterator[Xa]:
     """Prepare an XA transaction; submit (commit all) when the block ends, abort
     (rollback all) if it raises."""
-    async with borrow(dtm) as client:
-        xa = Xa(client, gid, options)
-        await xa.prepare()
-        try:
-            yield xa
-        except GeneratorExit:
-            raise
-        except BaseException as exc:
-            try:
-                await xa.abort(f"{type(exc).__name__}: {exc}")
-            except Exception as abort_exc:
-                exc.add_note(f"abort of xa {gid} failed too: {abort_exc!r}")
-            raise
-        await xa.submit()
+    async with borrow(dtm) as client, phased_scope(Xa(client, gid, options)) as xa:
+        yield xa
