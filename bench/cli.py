@@ -7,10 +7,12 @@ import asyncio
 import statistics
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.env import Checkout
 from bench.scenarios import RunOptions, loadgen_ceiling, redis_ceiling, saga_empty, saga_http
 
 Scenario = Callable[[RunOptions], Coroutine[Any, Any, dict[str, Any]]]
@@ -39,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="use this Redis (default: a private redis-server)")
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--plot", type=Path, help="PNG of throughput and p99 over time")
+    p.add_argument("--compare", metavar="REV",
+                   help="also run the coordinator of git revision REV, alternating runs")
     p.add_argument("--stock", type=int, default=0,
                    help="flash-sale: units in stock (default: about 5 s of selling)")
 
@@ -47,21 +51,37 @@ def run(args: argparse.Namespace) -> int:
     opts = RunOptions(duration=args.duration, warmup=args.warmup,
                       concurrency=args.concurrency, workers=args.workers,
                       redis_url=args.redis_url, stock=args.stock)
+    if args.compare:
+        with Checkout(args.compare) as tree:
+            return _run(args, opts, replace(opts, root=tree))
+    return _run(args, opts, None)
+
+
+def _run(args: argparse.Namespace, opts: RunOptions, other: RunOptions | None) -> int:
+    """Run the scenario `runs` times; with `other`, alternate with the other version so
+    that both see the same machine conditions."""
     scenario = _scenarios()[args.scenario]
     results: list[dict[str, Any]] = []
+    others: list[dict[str, Any]] = []
     for i in range(args.runs):
-        print(f"run {i + 1}/{args.runs}: {args.scenario}", file=sys.stderr)
-        result = asyncio.run(scenario(opts))
-        ceiling = result.get("ceiling") or {}
-        if ceiling.get("tx_per_s"):
-            result["ceiling_tx_per_s"] = ceiling["tx_per_s"]
-            result["ceiling_ratio"] = round(result["tx_per_s"] / ceiling["tx_per_s"], 3)
-        results.append(result)
-        print(report.table([result]), file=sys.stderr)
+        for label, o, bucket in (("current", opts, results), (args.compare, other, others)):
+            if o is None:
+                continue
+            print(f"run {i + 1}/{args.runs}: {args.scenario} ({label})", file=sys.stderr)
+            result = asyncio.run(scenario(o))
+            ceiling = result.get("ceiling") or {}
+            if ceiling.get("tx_per_s"):
+                result["ceiling_tx_per_s"] = ceiling["tx_per_s"]
+                result["ceiling_ratio"] = round(result["tx_per_s"] / ceiling["tx_per_s"], 3)
+            if o is other:
+                result["scenario"] = f"{result['scenario']}@{args.compare}"
+            bucket.append(result)
+            print(report.table([result]), file=sys.stderr)
     summary = median_of(results)
-    print(report.table([summary]))
+    summaries = [summary] + ([median_of(others)] if others else [])
+    print(report.table(summaries))
     if args.json:
-        report.save_json(args.json, [summary, *results], vars(args))
+        report.save_json(args.json, [*summaries, *results, *others], vars(args))
         print(f"report written to {args.json}")
     if args.plot:
         median_run = min(results, key=lambda r: abs(r["tx_per_s"] - summary["tx_per_s"]))
@@ -69,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"plot written to {args.plot}")
         else:
             print("no plot: matplotlib is not installed (pip install matplotlib)")
-    correct = all(r.get("correct", True) for r in results)
+    correct = all(r.get("correct", True) for r in results + others)
     return 0 if correct else 1
 
 

@@ -48,12 +48,17 @@ class Processes:
         self.children: list[asyncio.subprocess.Process] = []
         self.logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
 
-    async def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+    async def spawn(
+        self, name: str, *args: str, env: dict[str, str] | None = None, root: Path = ROOT
+    ) -> None:
+        """Start a child in `root` (another checkout runs another version's code)."""
         full_env = dict(os.environ)
         full_env.update(env or {})
+        if root != ROOT:
+            full_env["PYTHONPATH"] = str(root)
         log = (self.logs / f"{name}.log").open("ab")
         proc = await asyncio.create_subprocess_exec(
-            *args, cwd=ROOT, env=full_env, stdout=log, stderr=log
+            *args, cwd=root, env=full_env, stdout=log, stderr=log
         )
         log.close()
         self.children.append(proc)
@@ -83,7 +88,10 @@ class Processes:
 class BenchEnv:
     """A Redis (private unless a URL is given), N coordinator workers on one port."""
 
-    def __init__(self, redis_url: str | None, workers: int, **coordinator_env: Any) -> None:
+    def __init__(
+        self, redis_url: str | None, workers: int, root: Path = ROOT, **coordinator_env: Any
+    ) -> None:
+        self.root = root
         self.redis_url = redis_url or ""
         self.workers = workers
         self.coordinator_env = {k: str(v) for k, v in coordinator_env.items()}
@@ -108,7 +116,7 @@ class BenchEnv:
         await self.procs.spawn(
             "coordinator", sys.executable, "-m", "coordinator", "serve",
             "--workers", str(self.workers), "--port", str(self.port),
-            "--redis-url", self.redis_url, "--log-level", "WARNING", env=env,
+            "--redis-url", self.redis_url, "--log-level", "WARNING", env=env, root=self.root,
         )
         await wait_http(f"http://127.0.0.1:{self.port}/api/ping")
 
@@ -140,3 +148,25 @@ async def redis_counters(client: aioredis.Redis) -> dict[str, int]:
         "commands": int(stats["total_commands_processed"]),
         "bytes": int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"]),
     }
+
+
+class Checkout:
+    """Another revision of the project in a temporary git worktree, for side-by-side runs."""
+
+    def __init__(self, rev: str) -> None:
+        self.rev = rev
+        self.path = Path(tempfile.mkdtemp(prefix="bench-rev-")) / "tree"
+
+    def __enter__(self) -> Path:
+        import subprocess
+
+        subprocess.run(["git", "worktree", "add", "--detach", str(self.path), self.rev],
+                       cwd=ROOT, check=True, capture_output=True)
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        import subprocess
+
+        subprocess.run(["git", "worktree", "remove", "--force", str(self.path)],
+                       cwd=ROOT, check=False, capture_output=True)
+        shutil.rmtree(self.path.parent, ignore_errors=True)

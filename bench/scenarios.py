@@ -7,6 +7,7 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -30,6 +31,8 @@ class RunOptions:
     workers: int = 2
     redis_url: str | None = None
     stock: int = 0
+    # Run the coordinator from this checkout instead of the current code (--compare).
+    root: Path | None = None
 
 
 def ok_200(status: int, body: bytes) -> bool:
@@ -95,8 +98,14 @@ def saga_factory(steps: list[dict[str, str]]) -> RequestFactory:
     return factory
 
 
+def make_env(opts: RunOptions, workers: int | None = None) -> BenchEnv:
+    if opts.root is None:
+        return BenchEnv(opts.redis_url, workers or opts.workers)
+    return BenchEnv(opts.redis_url, workers or opts.workers, root=opts.root)
+
+
 async def saga_empty(opts: RunOptions) -> dict[str, Any]:
-    env = BenchEnv(opts.redis_url, opts.workers)
+    env = make_env(opts)
     await env.start()
     try:
         steps = [{"action": "", "compensate": ""}, {"action": "", "compensate": ""}]
@@ -108,7 +117,7 @@ async def saga_empty(opts: RunOptions) -> dict[str, Any]:
 
 
 async def saga_http(opts: RunOptions) -> dict[str, Any]:
-    env = BenchEnv(opts.redis_url, opts.workers)
+    env = make_env(opts)
     await env.start()
     try:
         port = await env.spawn_participant()
