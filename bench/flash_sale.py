@@ -137,6 +137,7 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
         "redis_calls_per_tx": round((after["script_calls"] - before["script_calls"]) / n, 2),
         "redis_commands_per_tx": round((after["commands"] - before["commands"]) / n, 2),
         "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
+        "redis_usec_per_tx": round((after["script_usec"] - before["script_usec"]) / n, 1),
         "timeline": timeline(recorder, measured_start, int(opts.duration)),
         "orders_timeline": orders_over_time,
     }

@@ -79,6 +79,7 @@ async def measure(
         "redis_calls_per_tx": round((after["script_calls"] - before["script_calls"]) / n, 2),
         "redis_commands_per_tx": round((after["commands"] - before["commands"]) / n, 2),
         "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
+        "redis_usec_per_tx": round((after["script_usec"] - before["script_usec"]) / n, 1),
         "timeline": timeline(recorder, start + opts.warmup, int(opts.duration)),
     }
 

@@ -151,9 +151,10 @@ class Engine:
             if free <= 0 or self._stopping.is_set():
                 break
             partition = (start + i) % count
+            sent = time.monotonic()  # the lease runs from (at latest) the claim's send
             for item in await self.store.claim(partition, free, self.new_token()):
                 total += 1
-                self.spawn(self._run(item.trans, item.token, item.now))
+                self.spawn(self._run(item.trans, item.token, item.now, sent))
         self.stats["claimed"] += total
         return total
 
@@ -169,9 +170,9 @@ class Engine:
 
     # -- driving one transaction ----------------------------------------------------------
 
-    async def _run(self, trans: Trans, token: str, now_ms: int) -> Trans:
+    async def _run(self, trans: Trans, token: str, now_ms: int, leased_at: float) -> Trans:
         try:
-            return await Run(self, trans, token, now_ms).drive()
+            return await Run(self, trans, token, now_ms, leased_at).drive()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -185,11 +186,12 @@ class Engine:
         """
         if self.has_capacity():
             token = self.new_token()
+            sent = time.monotonic()
             now = await self.store.create(
                 trans, due_in_ms=due_in_ms, owner=token, lease_ms=self.lease_ms
             )
             stored = evolve(trans, create_time=now, update_time=now, owner=token)
-            return self.spawn(self._run(stored, token, now))
+            return self.spawn(self._run(stored, token, now, sent))
         await self.store.create(trans, due_in_ms=due_in_ms)
         return None
 
@@ -198,6 +200,7 @@ class Engine:
         """Change an existing transaction's status by API and drive it if the lease is free."""
         token = self.new_token()
         lease = f"acquire:{token}" if self.has_capacity() else ""
+        sent = time.monotonic()
         result = await self.store.transition(
             gid,
             Transition(
@@ -210,13 +213,15 @@ class Engine:
         trans = await self.store.load(gid)
         if trans is None:
             return None
-        return self.spawn(self._run(trans, token, result.now))
+        return self.spawn(self._run(trans, token, result.now, sent))
 
 
 class Run:
     """One worker's hold on one transaction, from claim to release or finish."""
 
-    def __init__(self, engine: Engine, trans: Trans, token: str, now_ms: int) -> None:
+    def __init__(
+        self, engine: Engine, trans: Trans, token: str, now_ms: int, leased_at: float
+    ) -> None:
         self.engine = engine
         self.store = engine.store
         self.trans = trans
@@ -224,8 +229,9 @@ class Run:
         self.machine = engine.machines[trans.trans_type]
         self.defaults = engine.defaults
         self._clock_base = (now_ms, time.monotonic())
-        # The lease was granted at the store's `now_ms`; count from before we knew it.
-        self._lease_until = time.monotonic() + engine.lease_ms / 1000 - 0.5
+        # Counted from before the request that took the lease, so never too generous even
+        # when the event loop was slow to start this run.
+        self._lease_until = leased_at + engine.lease_ms / 1000
         self.pending: dict[str, BranchStatus] = {}
         self.pending_fields: dict[str, str] = {}
 
@@ -234,7 +240,12 @@ class Run:
         return base_ms + int((time.monotonic() - base_mono) * 1000)
 
     async def drive(self) -> Trans:
+        task = asyncio.current_task()
         while True:
+            # On Python 3.11 a cancel that lands as a Redis reply arrives can be swallowed
+            # inside the client's wait_for; a cancelled run must not go on calling branches.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             if self.trans.status in FINISHED:
                 return self.trans
             plan = self.machine.plan(self.trans, self.now(), self.defaults)
