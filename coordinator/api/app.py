@@ -15,6 +15,7 @@ from coordinator.api.routes import ENGINE, SERVICE, SETTINGS, STORE, add_routes
 from coordinator.embedded_redis import EmbeddedRedis
 from coordinator.engine.caller import BranchCaller
 from coordinator.engine.engine import Engine
+from coordinator.engine.http1 import Http1Pool
 from coordinator.keys import KeySpace
 from coordinator.machines.base import Machine
 from coordinator.machines.msg import MsgMachine
@@ -66,6 +67,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         batch=settings.redis.pipeline,
     )
     session: aiohttp.ClientSession | None = None
+    pool: Http1Pool | None = None
     engine: Engine | None = None
     try:
         await store.start()
@@ -73,7 +75,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         # participant from taking every socket.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30)
         session = aiohttp.ClientSession(connector=connector, skip_auto_headers=["User-Agent"])
-        caller = BranchCaller(session, settings.engine.request_timeout)
+        pool = Http1Pool(limit_per_host=256)
+        caller = BranchCaller(session, settings.engine.request_timeout, pool)
         engine = Engine(store, caller, MACHINES, settings.engine)
         app[STORE] = store
         app[ENGINE] = engine
@@ -86,6 +89,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await engine.stop()
         if session is not None:
             await session.close()
+        if pool is not None:
+            await pool.close()
         await store.close()
         if embedded is not None:
             await embedded.stop()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import urllib.parse
+
 import aiohttp
 import orjson
 import yarl
 
+from coordinator.engine.http1 import Http1Error, Http1Pool
 from coordinator.machines.base import SUCCESS, Outcome, OutcomeKind
 from coordinator.model import Branch, Trans
 
@@ -20,9 +23,14 @@ class BranchCaller:
     ONGOING in the body is ongoing, anything else (or no answer) is an error.
     """
 
-    def __init__(self, session: aiohttp.ClientSession, default_timeout: float) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, default_timeout: float,
+        pool: Http1Pool | None = None,
+    ) -> None:
         self.session = session
         self.default_timeout = default_timeout
+        # Plain-http calls go through the lean keep-alive client; https through aiohttp.
+        self.pool = pool
 
     async def call(self, trans: Trans, branch: Branch) -> Outcome:
         if not branch.url:
@@ -42,9 +50,18 @@ class BranchCaller:
             "branch_id": branch.branch_id,
             "op": branch.op_name,
         }
-        timeout = aiohttp.ClientTimeout(
-            total=trans.options.request_timeout or self.default_timeout
-        )
+        seconds = trans.options.request_timeout or self.default_timeout
+        if self.pool is not None and branch.url.startswith("http://"):
+            try:
+                status, raw = await self.pool.request(
+                    method, branch.url, urllib.parse.urlencode(params), headers,
+                    body.encode(), seconds,
+                )
+            except (Http1Error, TimeoutError, ValueError) as exc:
+                kind = "TimeoutError" if isinstance(exc, TimeoutError) else type(exc).__name__
+                return Outcome(OutcomeKind.ERROR, f"{kind}: {exc}"[:_MAX_MESSAGE])
+            return classify(status, raw.decode(errors="replace"))
+        timeout = aiohttp.ClientTimeout(total=seconds)
         try:
             async with self.session.request(
                 method,

@@ -8,6 +8,9 @@ POST /order           the message's action, called by the coordinator: creates t
                       order behind a barrier, so a repeated delivery creates nothing.
 GET  /state           stock left and orders created.
 
+The HTTP front is examples/http1.py rather than aiohttp: the buyer path's real work is
+one Redis call, and aiohttp's own per-request cost would dominate it.
+
 The stock, the barrier records, the orders and the purchase transactions all live in one
 Redis hash slot (the coordinator partition named in the gids, ``{N}``), which is what
 lets one script change them together.
@@ -19,20 +22,21 @@ Run: python -m examples.flash_sale.service --port 8081 --redis-url redis://127.0
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import signal
 import uuid
-from collections.abc import AsyncIterator
 
 import orjson
-from aiohttp import web
 
 from coordinator.keys import KeySpace, tag
 from coordinator.machines.msg import branches_for
 from coordinator.model import Options, Status, Trans
 from coordinator.store.redis_store import RedisStore
 from coordinator.store.scripts import script_text
+from examples.http1 import Handler, Reply, Request, serve
 
 BARRIER_TTL_S = 7 * 86_400
-STORE = web.AppKey("store", RedisStore)
 
 
 class Sale:
@@ -82,49 +86,47 @@ class Sale:
         return {"stock": int(stock or 0), "orders": int(orders)}
 
 
-SALE = web.AppKey("sale", Sale)
+def routes(sale: Sale) -> dict[tuple[str, str], Handler]:
+    async def buy(request: Request) -> Reply:
+        ok, gid = await sale.buy(request.query.get("user", "anonymous"))
+        if ok:
+            return 200, orjson.dumps({"result": "ok", "gid": gid})
+        return 409, b'{"dtm_result":"FAILURE","result":"sold out"}'
+
+    async def order(request: Request) -> Reply:
+        q = request.query
+        if "gid" not in q or "branch_id" not in q:
+            return 400, b'{"message":"gid and branch_id are required"}'
+        await sale.create_order(q["gid"], q["branch_id"], request.body.decode())
+        return 200, b'{"dtm_result":"SUCCESS"}'
+
+    async def state(request: Request) -> Reply:
+        return 200, orjson.dumps(await sale.state())
+
+    return {("POST", "/buy"): buy, ("POST", "/order"): order, ("GET", "/state"): state}
 
 
-async def handle_buy(request: web.Request) -> web.Response:
-    ok, gid = await request.app[SALE].buy(request.query.get("user", "anonymous"))
-    if ok:
-        return web.json_response({"result": "ok", "gid": gid})
-    return web.json_response({"dtm_result": "FAILURE", "result": "sold out"}, status=409)
-
-
-async def handle_order(request: web.Request) -> web.Response:
-    q = request.query
-    await request.app[SALE].create_order(q["gid"], q["branch_id"], await request.text())
-    return web.json_response({"dtm_result": "SUCCESS"})
-
-
-async def handle_state(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[SALE].state())
-
-
-def create_app(args: argparse.Namespace) -> web.Application:
-    app = web.Application()
-
-    async def resources(app: web.Application) -> AsyncIterator[None]:
-        keys = KeySpace(args.coordinator_prefix, args.partitions)
-        store = RedisStore.from_url(args.redis_url, keys)
-        order_url = f"http://127.0.0.1:{args.port}/order"
-        sale = Sale(store, args.partition, args.item, order_url)
-        await sale.start(args.stock)
-        app[STORE] = store
-        app[SALE] = sale
-        yield
-        await store.close()
-
-    app.cleanup_ctx.append(resources)
-    app.router.add_post("/buy", handle_buy)
-    app.router.add_post("/order", handle_order)
-    app.router.add_get("/state", handle_state)
-    return app
+async def run(args: argparse.Namespace) -> None:
+    keys = KeySpace(args.coordinator_prefix, args.partitions)
+    store = RedisStore.from_url(args.redis_url, keys)
+    sale = Sale(store, args.partition, args.item, f"http://127.0.0.1:{args.port}/order")
+    await sale.start(args.stock)
+    server = asyncio.ensure_future(
+        serve(routes(sale), "127.0.0.1", args.port, reuse_port=args.reuse_port)
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await server
+    await store.close()
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--port", type=int, default=8081)
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--coordinator-prefix", default="coord")
@@ -140,8 +142,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(create_app(args), host="127.0.0.1", port=args.port, access_log=None,
-                print=None, reuse_port=args.reuse_port or None)
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""A small keep-alive HTTP/1.1 client for plain-http branch calls.
+
+Branch calls are the engine's most frequent I/O. aiohttp's client spends several times
+the CPU of the call itself on its general machinery (cookie jar, tracing, redirect and
+proxy handling, a response object per call); a branch call needs none of it. This client
+writes one request, reads the status and the body (Content-Length, chunked, or up to
+close), and keeps the connection for the next call. TLS and anything unusual go through
+aiohttp instead (see caller.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import urllib.parse
+from dataclasses import dataclass
+
+MAX_HEAD = 64 * 1024
+MAX_BODY = 8 << 20
+
+
+class Http1Error(Exception):
+    """The exchange failed; the message says how (for the branch's error outcome)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    path: str  # path with its own query string, if any
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"not a plain http URL: {url!r}")
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        return cls(parts.hostname, parts.port or 80, path)
+
+
+class Http1Pool:
+    """Idle keep-alive connections per (host, port), at most `limit_per_host` open."""
+
+    def __init__(self, limit_per_host: int = 256, idle_per_host: int = 256) -> None:
+        self.limit_per_host = limit_per_host
+        self.idle_per_host = idle_per_host
+        self._idle: dict[tuple[str, int], collections.deque[
+            tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._targets: dict[str, Target] = {}
+
+    def target(self, url: str) -> Target:
+        found = self._targets.get(url)
+        if found is None:
+            found = Target.parse(url)
+            if len(self._targets) < 10_000:
+                self._targets[url] = found
+        return found
+
+    async def close(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                _, writer = idle.pop()
+                writer.close()
+        self._idle.clear()
+
+    async def request(
+        self, method: str, url: str, query: str, headers: dict[str, str], body: bytes,
+        timeout: float,
+    ) -> tuple[int, bytes]:
+        """One exchange; raises Http1Error or TimeoutError."""
+        target = self.target(url)
+        sep = "&" if "?" in target.path else "?"
+        head = [f"{method} {target.path}{sep}{query} HTTP/1.1",
+                f"Host: {target.host}:{target.port}",
+                f"Content-Length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        data = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        key = (target.host, target.port)
+        slots = self._slots.get(key)
+        if slots is None:
+            slots = self._slots[key] = asyncio.Semaphore(self.limit_per_host)
+        async with slots, asyncio.timeout(timeout):
+            # A pooled connection may have been closed by the server meanwhile; if it
+            # fails before any byte of an answer, try once more on a fresh one. Branch
+            # calls may be repeated anyway (participants are idempotent by the barrier).
+            for attempt in (0, 1):
+                conn = self._take(key) if attempt == 0 else None
+                reused = conn is not None
+                if conn is None:
+                    try:
+                        conn = await asyncio.open_connection(target.host, target.port)
+                    except OSError as exc:
+                        raise Http1Error(f"cannot connect: {exc}") from None
+                reader, writer = conn
+                try:
+                    writer.write(data)
+                    status, reply, keep = await _read_response(reader, method)
+                except _Stale:
+                    writer.close()
+                    if reused:
+                        continue
+                    raise Http1Error("connection closed before an answer") from None
+                except BaseException:
+                    writer.close()
+                    raise
+                if keep:
+                    self._give(key, conn)
+                else:
+                    writer.close()
+                return status, reply
+        raise Http1Error("connection closed before an answer")
+
+    def _take(
+        self, key: tuple[str, int]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        idle = self._idle.get(key)
+        while idle:
+            reader, writer = idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return None
+
+    def _give(
+        self, key: tuple[str, int], conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+    ) -> None:
+        idle = self._idle.setdefault(key, collections.deque())
+        if len(idle) < self.idle_per_host:
+            idle.append(conn)
+        else:
+            conn[1].close()
+
+
+class _Stale(Exception):
+    """The connection ended before the first byte of an answer."""
+
+
+async def _read_response(reader: asyncio.StreamReader, method: str) -> tuple[int, bytes, bool]:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise _Stale from None
+        raise Http1Error("connection closed in the middle of an answer") from None
+    except asyncio.LimitOverrunError:
+        raise Http1Error("answer headers too long") from None
+    if len(head) > MAX_HEAD:
+        raise Http1Error("answer headers too long")
+    lines = head.decode("latin-1").split("\r\n")
+    status_line = lines[0].split(" ", 2)
+    if len(status_line) < 2 or not status_line[0].startswith("HTTP/"):
+        raise Http1Error(f"not an HTTP answer: {lines[0][:80]!r}")
+    status = int(status_line[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    keep = status_line[0] == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    try:
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            return status, b"", keep
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return status, await _read_chunked(reader), keep
+        if "content-length" in headers:
+            length = int(headers["content-length"])
+            if length > MAX_BODY:
+                raise Http1Error("answer body too large")
+            return status, await reader.readexactly(length), keep
+        # No length: the body runs to the end of the connection.
+        return status, await reader.read(MAX_BODY), False
+    except asyncio.IncompleteReadError:
+        raise Http1Error("connection closed in the middle of an answer") from None
+    except ValueError:
+        raise Http1Error("malformed answer framing") from None
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    parts: list[bytes] = []
+    size_total = 0
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        size = int(line.split(b";", 1)[0].strip(), 16)
+        if size == 0:
+            # Trailers, if any, end with an empty line.
+            while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                pass
+            return b"".join(parts)
+        size_total += size
+        if size_total > MAX_BODY:
+            raise Http1Error("answer body too large")
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
