@@ -32,6 +32,7 @@ import orjson
 from coordinator.keys import KeySpace, tag
 from coordinator.machines.msg import branches_for
 from coordinator.model import Options, Status, Trans
+from coordinator.store.batch import ScriptBatcher
 from coordinator.store.redis_store import RedisStore
 from coordinator.store.scripts import script_text
 from examples.http1 import Handler, Reply, Request, serve
@@ -54,6 +55,8 @@ class Sale:
         client = store.client
         self.buy_script = client.register_script(script_text("flash_buy"))
         self.order_script = client.register_script(script_text("flash_order"))
+        # Concurrent buyers' scripts share round trips, as the coordinator's writes do.
+        self.batch = ScriptBatcher(client)
 
     async def start(self, stock: int | None) -> None:
         for script in (self.buy_script, self.order_script):
@@ -72,13 +75,13 @@ class Sale:
         )
         keys, args = self.store.create_call(trans, due_in_ms=0)
         keys += [self.stock_key, f"{self.barrier_prefix}{gid}-00-msg-01"]
-        reply = await self.buy_script(keys=keys, args=[*args, 1, BARRIER_TTL_S])
+        reply = await self.batch.call(self.buy_script, keys, [*args, 1, BARRIER_TTL_S])
         return reply[0] == "OK", gid
 
     async def create_order(self, gid: str, branch_id: str, order: str) -> str:
         barrier = f"{self.barrier_prefix}{gid}-{branch_id}-action-01"
-        return str(await self.order_script(keys=[self.orders_key, barrier],
-                                           args=[gid, order, BARRIER_TTL_S]))
+        return str(await self.batch.call(self.order_script, [self.orders_key, barrier],
+                                         [gid, order, BARRIER_TTL_S]))
 
     async def state(self) -> dict[str, int]:
         stock = await self.store.client.get(self.stock_key)
