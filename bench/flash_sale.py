@@ -19,7 +19,7 @@ from typing import Any
 from bench.env import BenchEnv, free_port, redis_counters, wait_http
 from bench.loadgen import run_load
 from bench.progress import show_progress
-from bench.scenarios import RunOptions
+from bench.scenarios import RunOptions, make_env
 from bench.stats import Recorder, summarize, timeline
 from coordinator.keys import KeySpace, tag
 
@@ -29,7 +29,7 @@ SERVICE_PROCESSES = 2
 
 
 async def flash_sale(opts: RunOptions) -> dict[str, Any]:
-    env = BenchEnv(opts.redis_url, opts.workers)
+    env = make_env(opts)
     await env.start()
     try:
         return await _run(env, opts)
@@ -48,7 +48,7 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
         await env.procs.spawn(
             f"flash-sale-{i}", sys.executable, "-m", "examples.flash_sale.service",
             "--port", str(port), "--redis-url", env.redis_url, "--partition", str(PARTITION),
-            "--item", ITEM, "--reuse-port",
+            "--item", ITEM, "--reuse-port", root=env.root,
         )
     await wait_http(f"http://127.0.0.1:{port}/state")
     stock = opts.stock or int(max(2000, 4000 * opts.duration / 4))
