@@ -41,6 +41,8 @@ def _fmt(value: Any) -> str:
 
 
 def save_json(path: Path, results: list[dict[str, Any]], options: dict[str, Any]) -> None:
+    # File options are saved by name only: a report should not carry this machine's paths.
+    options = {k: (v.name if isinstance(v, Path) else v) for k, v in options.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), "options": options, "runs": results},
                                indent=2, default=str))
