@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -153,7 +154,7 @@ class CoordinatorProcess:
         self.port = free_port()
         self.env = {k: str(v) for k, v in env.items()}
         self.proc: subprocess.Popen[bytes] | None = None
-        logs = Path(os.environ.get("TMPDIR", "/tmp"))
+        logs = Path(tempfile.gettempdir())
         self.log_path = logs / f"coordinator-{prefix}-{self.port}.log"
 
     @property
