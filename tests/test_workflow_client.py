@@ -259,6 +259,8 @@ async def test_crashed_workflow_is_finished_by_the_coordinators_recovery_call(
         assert ledger.runs == Counter({"a": 1, "b": 1, "c": 1})
         assert ledger.order == ["a", "b", "c"]
         assert seen_inputs == [b'{"order": 7}', b'{"order": 7}']
+        # The workflow's own submit can land before the recovery call has answered.
+        await wait_for(lambda: app.calls, 5, 0.01, "the recovery call's answer")
         query_string, body, status = app.calls[0]
         assert (query_string["op"], query_string["gid"], body, status) == (
             "ship", gid, b'{"order": 7}', 200)
@@ -309,6 +311,7 @@ async def test_cancelled_step_runs_again_on_recovery_and_recorded_ones_do_not(
         # b was cut off before its record, so it ran again (at-least-once); a did not.
         assert ledger.runs == Counter({"a": 1, "b": 2})
         # The coordinator posts "{}" for an empty input; the recorded input is used.
+        await wait_for(lambda: app.calls, 5, 0.01, "the recovery call's answer")
         assert app.calls[-1][1] == b"{}"
         assert inputs == [b"", b""]
         assert app.calls
