@@ -95,7 +95,10 @@ class Service:
                 raise TransactionFailure(
                     f"transaction {trans.gid} has status '{exc.status}', cannot submit"
                 ) from None
-            task = await self.engine.take_over(trans.gid, PREPARED, Status.SUBMITTED)
+            # A concurrent second submit may have moved it on already: still fine.
+            task = await self.engine.take_over(
+                trans.gid, frozenset({Status.PREPARED, Status.SUBMITTED}), Status.SUBMITTED
+            )
         if trans.options.wait_result:
             await self._wait(trans.gid, task)
 

@@ -132,6 +132,10 @@ elseif string.sub(mode, 1, 8) == 'acquire:' then
     hset[#hset + 1] = string.format('%d', until_ms)
     redis.call('ZADD', KEYS[3], until_ms, ARGV[1])
     acquired = '1'
+  else
+    -- The holder works from the old status; its release must bring this one forward.
+    hset[#hset + 1] = 'poke'
+    hset[#hset + 1] = '1'
   end
 elseif next_due then
   -- An API call with no lease: reschedule, unless a live lease already owns the entry;

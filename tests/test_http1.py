@@ -142,3 +142,24 @@ def test_only_plain_http_targets() -> None:
     assert Target.parse("http://h") == Target("h", 80, "/")
     with pytest.raises(ValueError, match="plain http"):
         Target.parse("https://h/a")
+
+
+async def test_body_until_close_is_read_to_the_end() -> None:
+    """A length-less body arriving in pieces must be read whole, not its first piece."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"dtm_result":')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b'"FAILURE"}')
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = Http1Pool()
+    status, body = await pool.request("GET", f"http://127.0.0.1:{port}/x", "", {}, b"", 2)
+    assert (status, body) == (200, b'{"dtm_result":"FAILURE"}')
+    await pool.close()
+    server.close()
+    await server.wait_closed()

@@ -57,7 +57,7 @@ class BranchCaller:
                     method, branch.url, urllib.parse.urlencode(params), headers,
                     body.encode(), seconds,
                 )
-            except (Http1Error, TimeoutError, ValueError) as exc:
+            except (Http1Error, TimeoutError, ValueError, OSError) as exc:
                 kind = "TimeoutError" if isinstance(exc, TimeoutError) else type(exc).__name__
                 return Outcome(OutcomeKind.ERROR, f"{kind}: {exc}"[:_MAX_MESSAGE])
             return classify(status, raw.decode(errors="replace"))

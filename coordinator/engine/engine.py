@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import itertools
 import logging
 import time
@@ -23,6 +24,7 @@ from coordinator.machines.base import (
     Defaults,
     Machine,
     Outcome,
+    OutcomeKind,
     Plan,
     Retry,
     deadline_ms,
@@ -216,6 +218,12 @@ class Engine:
         return self.spawn(self._run(trans, token, result.now, sent))
 
 
+class Written(enum.Enum):
+    APPLIED = "applied"
+    RELOADED = "reloaded"
+    LOST = "lost"
+
+
 class Run:
     """One worker's hold on one transaction, from claim to release or finish."""
 
@@ -254,7 +262,8 @@ class Run:
                     return self.trans
                 continue
             if not plan.calls:
-                await self._release(plan.wake_at_ms)
+                if await self._release(plan.wake_at_ms) is Written.RELOADED:
+                    continue
                 return self.trans
             if not await self._call(plan):
                 return self.trans
@@ -272,13 +281,26 @@ class Run:
             must_write = bool(self.pending or self.pending_fields) or (
                 self._lease_until - time.monotonic() < needed
             )
-            if must_write and not await self._write(lease="renew"):
-                return False
+            if must_write:
+                written = await self._write(lease="renew")
+                if written is not Written.APPLIED:
+                    # Reloaded: the status changed under us, so re-plan before calling.
+                    return written is Written.RELOADED
             self.engine.stats["branch_calls"] += len(plan.calls)
             results = await asyncio.gather(
-                *(self.engine.caller.call(self.trans, b) for b in plan.calls)
+                *(self.engine.caller.call(self.trans, b) for b in plan.calls),
+                return_exceptions=True,
             )
-            outcomes = {b.key: r for b, r in zip(plan.calls, results, strict=True)}
+            # The caller maps every expected failure to an outcome; anything it missed
+            # is still only this branch's error, not a reason to drop the others' results.
+            outcomes = {
+                b.key: r if isinstance(r, Outcome)
+                else Outcome(OutcomeKind.ERROR, f"{type(r).__name__}: {r}"[:300])
+                for b, r in zip(plan.calls, results, strict=True)
+            }
+            for r in results:
+                if isinstance(r, asyncio.CancelledError):
+                    raise r
         verdict = self.machine.absorb(self.trans, outcomes, self.now(), self.defaults)
         self.trans = self.trans.with_branches(dict(verdict.branch_updates))
         self.pending.update(verdict.branch_updates)
@@ -297,8 +319,7 @@ class Run:
             if (self.trans.trans_type == "saga" and self.trans.status is Status.SUBMITTED
                     and deadline is not None):
                 due = min(due, max(deadline, self.now()))
-            await self._release(due)
-            return False
+            return await self._release(due) is Written.RELOADED
         # A success resets the back-off: with 0 the next error waits the base interval
         # again (see next_interval); resetting to the base made it wait twice that.
         if self.trans.next_cron_interval:
@@ -307,25 +328,41 @@ class Run:
         return True
 
     async def _move(self, status: Status, reason: str) -> bool:
+        """Change the global status; True when this run should plan again."""
         if reason:
             self.pending_fields["rollback_reason"] = reason
-        ok = await self._write(new_status=status, lease="renew")
-        if ok:
-            self.trans = evolve(self.trans, status=status, rollback_reason=reason or
-                                 self.trans.rollback_reason)
-            if status in FINISHED:
-                self.engine.stats["finished"] += 1
-        return ok and status not in FINISHED
+        previous = self.trans.status
+        written = await self._write(new_status=status, lease="renew")
+        if written is not Written.APPLIED:
+            # Reloaded: the store's status (set by an API call) is what holds, not ours.
+            return written is Written.RELOADED
+        self.trans = evolve(self.trans, rollback_reason=reason or self.trans.rollback_reason)
+        if status in FINISHED:
+            self.engine.stats["finished"] += 1
+            return False
+        if previous is Status.PREPARED:
+            # Branches can be registered until the status leaves prepared (the register
+            # script checks it): reload so that every one of them is confirmed/cancelled.
+            fresh = await self.store.load(self.trans.gid)
+            if fresh is None or fresh.owner != self.token:
+                return False
+            self.trans = fresh
+        return True
 
-    async def _release(self, wake_at_ms: int | None) -> None:
+    async def _release(self, wake_at_ms: int | None) -> Written:
         if wake_at_ms is None:
             wake_at_ms = self.now() + next_interval(self.trans, Retry.KEEP, self.defaults) * 1000
-        await self._write(lease="release", next_due_ms=max(0, wake_at_ms - self.now()))
+        return await self._write(lease="release", next_due_ms=max(0, wake_at_ms - self.now()))
 
     async def _write(
         self, *, new_status: Status | None = None, lease: str, next_due_ms: int | None = None
-    ) -> bool:
-        """Write pending results under our lease; False if the transaction moved on."""
+    ) -> Written:
+        """Write pending results under our lease.
+
+        APPLIED: written. RELOADED: an API call changed the status first; we still hold
+        the lease and now carry the stored state (pending results dropped: the branches
+        they came from are planned again). LOST: the transaction is not ours any more.
+        """
         timeout = self.trans.options.request_timeout or self.defaults.request_timeout
         lease_ms = max(self.engine.lease_ms, (timeout * 2 + 5) * 1000)
         sent = time.monotonic()
@@ -350,17 +387,17 @@ class Run:
             fresh = await self.store.load(self.trans.gid)
             self.pending.clear()
             self.pending_fields.clear()
-            if fresh is None or fresh.owner != self.token:
-                return False
+            if fresh is None or fresh.owner != self.token or fresh.status in FINISHED:
+                return Written.LOST
             self.trans = fresh
-            return fresh.status not in FINISHED
+            return Written.RELOADED
         except (LeaseLost, NotFound):
             self.engine.stats["conflicts"] += 1
-            return False
+            return Written.LOST
         self.pending = {}
         self.pending_fields = {}
         self._clock_base = (result.now, time.monotonic())
         if lease == "renew":
             self._lease_until = sent + lease_ms / 1000
         self.trans = evolve(self.trans, status=result.status, update_time=result.now)
-        return True
+        return Written.APPLIED

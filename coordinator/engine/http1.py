@@ -82,7 +82,9 @@ class Http1Pool:
         slots = self._slots.get(key)
         if slots is None:
             slots = self._slots[key] = asyncio.Semaphore(self.limit_per_host)
-        async with slots, asyncio.timeout(timeout):
+        # The timeout covers the wait for a free connection too: the engine's lease
+        # allows request_timeout for the whole call, queueing included.
+        async with asyncio.timeout(timeout), slots:
             # A pooled connection may have been closed by the server meanwhile; if it
             # fails before any byte of an answer, try once more on a fresh one. Branch
             # calls may be repeated anyway (participants are idempotent by the barrier).
@@ -103,6 +105,11 @@ class Http1Pool:
                     if reused:
                         continue
                     raise Http1Error("connection closed before an answer") from None
+                except OSError as exc:  # reset, broken pipe
+                    writer.close()
+                    if reused and attempt == 0:
+                        continue
+                    raise Http1Error(f"connection failed: {exc!r}") from None
                 except BaseException:
                     writer.close()
                     raise
@@ -171,9 +178,18 @@ async def _read_response(reader: asyncio.StreamReader, method: str) -> tuple[int
                 raise Http1Error("answer body too large")
             return status, await reader.readexactly(length), keep
         # No length: the body runs to the end of the connection.
-        return status, await reader.read(MAX_BODY), False
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await reader.read(65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise Http1Error("answer body too large")
+        return status, b"".join(chunks), False
     except asyncio.IncompleteReadError:
         raise Http1Error("connection closed in the middle of an answer") from None
+    except asyncio.LimitOverrunError:
+        raise Http1Error("answer framing line too long") from None
     except ValueError:
         raise Http1Error("malformed answer framing") from None
 
