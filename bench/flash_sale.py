@@ -41,7 +41,7 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
     assert env.redis is not None
     r = env.redis
     t = tag(PARTITION)
-    stock_key, orders_key = f"flash:stock:{t}:{ITEM}", f"flash:orders:{t}"
+    stock_key, orders_key = f"flash:stock:{t}:{ITEM}", f"flash:orders:{t}:{ITEM}"
     await r.set(stock_key, 0)
     port = free_port()
     for i in range(SERVICE_PROCESSES):

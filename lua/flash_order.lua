@@ -1,7 +1,7 @@
 -- flash_order
 -- The order service's branch: create the order for one purchase exactly once, behind a
 -- barrier, however often the coordinator delivers the message.
--- KEYS[1] = orders hash             flash:orders:{pN}, field = gid
+-- KEYS[1] = orders hash             flash:orders:{pN}:<item>, field = gid
 -- KEYS[2] = barrier of this branch  flash:barrier:{pN}:<gid>-<branch_id>-action-01
 -- ARGV[1] = gid
 -- ARGV[2] = the order (JSON)

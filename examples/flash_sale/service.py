@@ -50,7 +50,7 @@ class Sale:
         self.order_url = order_url
         t = tag(partition)
         self.stock_key = f"flash:stock:{t}:{item}"
-        self.orders_key = f"flash:orders:{t}"
+        self.orders_key = f"flash:orders:{t}:{item}"
         self.barrier_prefix = f"flash:barrier:{t}:"
         client = store.client
         self.buy_script = client.register_script(script_text("flash_buy"))
