@@ -163,3 +163,16 @@ async def test_body_until_close_is_read_to_the_end() -> None:
     await pool.close()
     server.close()
     await server.wait_closed()
+
+
+async def test_interim_answers_are_skipped(serve) -> None:  # type: ignore[no-untyped-def]
+    reply = (b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    _, port = await serve(lambda _r: reply)
+    pool = Http1Pool()
+    assert await pool.request("GET", f"http://127.0.0.1:{port}/x", "", {}, b"", 2) == (
+        200, b"ok")
+    # The connection is still in step: a second call gets its own answer.
+    assert await pool.request("GET", f"http://127.0.0.1:{port}/x", "", {}, b"", 2) == (
+        200, b"ok")
+    await pool.close()

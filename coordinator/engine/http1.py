@@ -146,6 +146,14 @@ class _Stale(Exception):
 
 
 async def _read_response(reader: asyncio.StreamReader, method: str) -> tuple[int, bytes, bool]:
+    while True:
+        status, body, keep = await _read_one(reader, method)
+        # An interim answer (100 Continue, 103 Early Hints) precedes the real one.
+        if not 100 <= status < 200 or status == 101:
+            return status, body, keep
+
+
+async def _read_one(reader: asyncio.StreamReader, method: str) -> tuple[int, bytes, bool]:
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
