@@ -268,12 +268,12 @@ async def banks(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[tu
 async def chaos(banks: tuple[Bank, Bank], restarts: list[str], stop: asyncio.Event) -> None:
     """Kill and restart the banks in turn while transfers are running."""
     for i in range(4):
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(0.8)
         if stop.is_set():
             return
         bank = banks[i % 2]
         await bank.stop()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.6)
         await bank.start()
         restarts.append(bank.name)
 
@@ -303,7 +303,10 @@ async def test_bank_transfers_survive_faults_and_keep_the_money(
         async with DtmClient(coordinator.api) as dtm:
             gate = asyncio.Semaphore(20)
 
-            async def submit(gid: str, src: str, dst: str, amount: int) -> None:
+            async def submit(gid: str, src: str, dst: str, amount: int, delay: float) -> None:
+                # Spread the submits over about 7 s, so that all four restarts (done by
+                # about 5.6 s) hit transfers in flight however fast the machine is.
+                await asyncio.sleep(delay)
                 saga = Saga(dtm, gid, options)
                 saga.add(out_bank.server.url("action"), out_bank.server.url("compensate"),
                          {"account": src, "amount": amount})
@@ -312,7 +315,8 @@ async def test_bank_transfers_survive_faults_and_keep_the_money(
                 async with gate:
                     await saga.submit()
 
-            await asyncio.gather(*(submit(*t) for t in transfers))
+            await asyncio.gather(*(submit(*t, delay=i * 0.035)
+                                   for i, t in enumerate(transfers)))
             statuses = await probe.wait_final([t[0] for t in transfers], timeout=45)
         stop.set()
         await chaos_task
