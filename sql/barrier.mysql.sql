@@ -1,7 +1,6 @@
 -- barrier.mysql.sql: the sub-transaction barrier table, compatible with dtm's
 -- sqls/dtmcli.barrier.mysql.sql (same columns and unique key, no DROP TABLE).
--- coordinator.client.barrier_mysql.ensure_barrier_table(conn) runs these same
--- statements; tests/test_barrier.py fails if the two drift apart.
+-- coordinator.client.barrier_mysql.ensure_barrier_table(conn) runs this file.
 CREATE DATABASE IF NOT EXISTS dtm_barrier DEFAULT CHARACTER SET utf8mb4;
 CREATE TABLE IF NOT EXISTS dtm_barrier.barrier (
   id bigint(22) PRIMARY KEY AUTO_INCREMENT,

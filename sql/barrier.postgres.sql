@@ -1,7 +1,6 @@
 -- barrier.postgres.sql: the sub-transaction barrier table, compatible with dtm's
 -- sqls/dtmcli.barrier.postgres.sql (same columns and unique key, no DROP TABLE).
--- coordinator.client.barrier_postgres.ensure_barrier_table(conn) runs these same
--- statements; tests/test_barrier.py fails if the two drift apart.
+-- coordinator.client.barrier_postgres.ensure_barrier_table(conn) runs this file.
 CREATE SCHEMA IF NOT EXISTS dtm_barrier;
 CREATE SEQUENCE IF NOT EXISTS dtm_barrier.barrier_seq;
 CREATE TABLE IF NOT EXISTS dtm_barrier.barrier (

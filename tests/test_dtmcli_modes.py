@@ -20,29 +20,13 @@ import pytest
 from aiohttp import web
 from dtmcli import barrier, msg, tcc, utils
 
+from coordinator.client import barrier_mysql
 from tests.conftest import require_service
 from tests.support import FAIL, Api, CoordinatorProcess, Participant
 
 DB: dict[str, Any] = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": "",
                       "connect_timeout": 3}
 BUSI = "test.dtmcli_modes_busi"  # the local business: one row per committed transfer
-
-BARRIER_DDL = """
-create table if not exists dtm_barrier.barrier(
-  id bigint(22) primary key auto_increment,
-  trans_type varchar(45) default '',
-  gid varchar(128) default '',
-  branch_id varchar(128) default '',
-  op varchar(45) default '',
-  barrier_id varchar(45) default '',
-  reason varchar(45) default '' comment 'the branch type who insert this record',
-  create_time datetime default now(),
-  update_time datetime default now(),
-  key(create_time),
-  key(update_time),
-  unique key(gid, branch_id, op, barrier_id)
-)"""
-
 
 def _connect() -> pymysql.connections.Connection[Any]:
     return pymysql.connect(**DB)
@@ -67,8 +51,8 @@ def mariadb() -> Iterator[str]:
         _connect().close()
     except pymysql.MySQLError as exc:
         require_service("MariaDB", str(exc))
-    _execute("create database if not exists dtm_barrier")
-    _execute(BARRIER_DDL)
+    for statement in barrier_mysql.SCHEMA:  # dtm's table: same columns and unique key
+        _execute(statement)
     _execute(f"create table if not exists {BUSI}("
              "gid varchar(128) primary key, amount int not null)")
     run = "dtmcli-" + uuid.uuid4().hex[:8]

@@ -25,26 +25,11 @@ from coordinator.client.barrier import (
     BarrierRow,
     SqlBarrier,
 )
+from coordinator.resources import read_resource, sql_statements
 
-# The same statements as sql/barrier.mysql.sql (a test keeps them in step), without
-# dtm's "drop table". dtm's own table has the same columns and unique key.
-SCHEMA: tuple[str, ...] = (
-    "CREATE DATABASE IF NOT EXISTS dtm_barrier DEFAULT CHARACTER SET utf8mb4",
-    """CREATE TABLE IF NOT EXISTS dtm_barrier.barrier (
-  id bigint(22) PRIMARY KEY AUTO_INCREMENT,
-  trans_type varchar(45) DEFAULT '',
-  gid varchar(128) DEFAULT '',
-  branch_id varchar(128) DEFAULT '',
-  op varchar(45) DEFAULT '',
-  barrier_id varchar(45) DEFAULT '',
-  reason varchar(45) DEFAULT '' COMMENT 'the op that inserted this row',
-  create_time datetime DEFAULT now(),
-  update_time datetime DEFAULT now(),
-  KEY (create_time),
-  KEY (update_time),
-  UNIQUE KEY (gid, branch_id, op, barrier_id)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4""",
-)
+# The schema file shipped with the package (sql/barrier.mysql.sql), statement by
+# statement. Unlike dtm's own file it has no DROP TABLE: running it twice keeps the rows.
+SCHEMA: tuple[str, ...] = sql_statements(read_resource("sql", "barrier.mysql.sql"))
 
 
 @functools.cache

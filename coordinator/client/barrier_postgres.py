@@ -21,26 +21,11 @@ from coordinator.client.barrier import (
     BarrierRow,
     SqlBarrier,
 )
+from coordinator.resources import read_resource, sql_statements
 
-# The same statements as sql/barrier.postgres.sql (a test keeps them in step), without
-# dtm's "drop table": running this twice must keep the rows.
-SCHEMA: tuple[str, ...] = (
-    "CREATE SCHEMA IF NOT EXISTS dtm_barrier",
-    "CREATE SEQUENCE IF NOT EXISTS dtm_barrier.barrier_seq",
-    """CREATE TABLE IF NOT EXISTS dtm_barrier.barrier (
-  id bigint NOT NULL DEFAULT nextval('dtm_barrier.barrier_seq'),
-  trans_type varchar(45) DEFAULT '',
-  gid varchar(128) DEFAULT '',
-  branch_id varchar(128) DEFAULT '',
-  op varchar(45) DEFAULT '',
-  barrier_id varchar(45) DEFAULT '',
-  reason varchar(45) DEFAULT '',
-  create_time timestamp(0) with time zone DEFAULT now(),
-  update_time timestamp(0) with time zone DEFAULT now(),
-  PRIMARY KEY (id),
-  CONSTRAINT uniq_barrier UNIQUE (gid, branch_id, op, barrier_id)
-)""",
-)
+# The schema file shipped with the package (sql/barrier.postgres.sql), statement by
+# statement. Unlike dtm's own file it has no DROP TABLE: running it twice keeps the rows.
+SCHEMA: tuple[str, ...] = sql_statements(read_resource("sql", "barrier.postgres.sql"))
 
 # Any constant works; it only serialises concurrent schema creation.
 _SCHEMA_LOCK = 0x6474_6D62

@@ -7,19 +7,13 @@ flash sale's buy script) while each still runs as one atomic EVALSHA.
 
 from __future__ import annotations
 
-import importlib.resources
-from pathlib import Path
+from coordinator.resources import read_resource
 
-# A source checkout keeps the scripts at the top level (lua/); the wheel carries them
-# inside the package as coordinator/lua.
-_SOURCE_DIR = Path(__file__).resolve().parents[2] / "lua"
 _INCLUDE = "--!include "
 
 
 def _read(filename: str) -> str:
-    if (_SOURCE_DIR / filename).is_file():
-        return (_SOURCE_DIR / filename).read_text()
-    return (importlib.resources.files("coordinator") / "lua" / filename).read_text()
+    return read_resource("lua", filename)
 
 
 def script_text(name: str) -> str:
