@@ -130,7 +130,3 @@ class Store(abc.ABC):
 
     async def ping(self) -> bool:
         return True
-
-    @staticmethod
-    def is_finished(status: Status | BranchStatus | str) -> bool:
-        return str(getattr(status, "value", status)) in ("succeed", "failed")
