@@ -2,7 +2,8 @@
 
 The HTTP layer turns these into dtm's envelope: `TransactionFailure` and
 `StatusConflict` become 409 FAILURE, `TransactionOngoing` 425 ONGOING,
-`BadRequest` 400 and `NotFound` 404. Nothing else should reach a client.
+`BadRequest` 400, `Unauthorized` 401, `NotFound` 404 and
+`StoreUnavailable` 503 with `Retry-After`. Nothing else should reach a client.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ class BadRequest(CoordinatorError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class Unauthorized(CoordinatorError):
+    """The route needs `Authorization: Bearer <server.api_token>` and did not get it."""
+
+
+class StoreUnavailable(CoordinatorError):
+    """Redis cannot be reached right now; the client should retry (HTTP 503)."""
 
 
 class NotFound(CoordinatorError):

@@ -33,6 +33,14 @@ class ServerSettings:
     # Processes serving one port (SO_REUSEPORT); each runs its own engine.
     workers: int = 1
     reuse_port: bool = False
+    # Bearer token for operator routes (and the admin page); empty: no token required.
+    api_token: str = ""
+    # A file holding the token (for secrets mounted as files); read once at start-up.
+    api_token_file: str = ""
+    # Require the token on the transaction routes too (dtm's clients cannot send one).
+    protect_transaction_routes: bool = False
+    # Require the token on /api/metrics (open by default so Prometheus can scrape it).
+    protect_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,22 @@ class Settings:
             sections[f.name] = sub_cls(**kwargs)
         settings = cls(**sections)
         settings.validate()
-        return settings
+        return settings.with_token_file()
+
+    def with_token_file(self) -> Settings:
+        """Read `server.api_token_file` into `server.api_token`, once, at load time."""
+        path = self.server.api_token_file
+        if not path:
+            return self
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise SettingsError(f"server.api_token_file: cannot read {path}: {exc}") from exc
+        if not token:
+            raise SettingsError(f"server.api_token_file: {path} is empty")
+        return dataclasses.replace(
+            self, server=dataclasses.replace(self.server, api_token=token)
+        )
 
     def validate(self) -> None:
         checks = [

@@ -12,8 +12,10 @@ from aiohttp import web
 from coordinator.errors import (
     BadRequest,
     NotFound,
+    StoreUnavailable,
     TransactionFailure,
     TransactionOngoing,
+    Unauthorized,
 )
 
 log = logging.getLogger("coordinator.api")
@@ -52,8 +54,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.field:
             body["field"] = exc.field
         return json_response(body, 400)
+    except Unauthorized as exc:
+        return web.Response(
+            body=orjson.dumps({"message": str(exc)}), status=401,
+            content_type="application/json", headers={"WWW-Authenticate": "Bearer"},
+        )
     except NotFound as exc:
         return json_response({"message": str(exc)}, 404)
+    except StoreUnavailable as exc:
+        return web.Response(
+            body=orjson.dumps({"message": str(exc)}), status=503,
+            content_type="application/json", headers={"Retry-After": "1"},
+        )
     except TransactionFailure as exc:
         return failure(str(exc))
     except TransactionOngoing as exc:
