@@ -56,7 +56,11 @@ def serve(settings: Settings) -> None:
         # The parent only probes: each child binds the port itself (SO_REUSEPORT).
         for sock in asyncio.run(prepare(settings, reuse_port=True)):
             sock.close()
-        sys.exit(serve_workers(settings))
+        try:
+            code = serve_workers(settings)
+        except EmbeddedRedisError as exc:
+            raise StartupError(str(exc)) from None
+        sys.exit(code)
     from aiohttp import web
 
     from coordinator.api.app import create_app

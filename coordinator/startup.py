@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import sys
 from pathlib import Path
 from typing import Final, NoReturn
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
@@ -149,22 +149,13 @@ async def prepare(settings: Settings, *, reuse_port: bool = False) -> list[socke
 
 def redact(url: str) -> str:
     """The URL with its password (in the user part or the query) replaced by ***."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if password:
-        user, _, host = parts.netloc.rpartition("@")
-        name = user.split(":", 1)[0]
-        parts = parts._replace(netloc=f"{name}:***@{host}")
-    if "password=" in parts.query:
-        query = "&".join(
-            "password=***" if item.startswith("password=") else item
-            for item in parts.query.split("&")
-        )
-        parts = parts._replace(query=query)
-    return parts.geturl()
+    # On the text itself: urlsplit().geturl() would turn unix:///path into unix:/path.
+    url = _USERINFO_PASSWORD.sub(r"\1:***@", url)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
+
+
+_USERINFO_PASSWORD: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*):[^/?#]*@")
+_QUERY_PASSWORD: Final = re.compile(r"([?&]password=)[^&#]*")
 
 
 def describe_listeners(sockets: list[socket.socket]) -> str:

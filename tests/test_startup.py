@@ -33,6 +33,7 @@ from coordinator.embedded_redis import (
     EmbeddedRedisError,
     find_redis_server,
 )
+from coordinator.startup import redact
 from tests.conftest import require_service
 from tests.support import ROOT, free_port
 
@@ -341,3 +342,26 @@ async def test_readme_redis_cli_commands_reach_the_private_redis(
 async def test_redis_cli_without_a_private_redis_is_one_line(data_dir: Path) -> None:
     code, out, err = await run("redis-cli", "ping", env=command_env(data_dir))
     assert_one_line_failure(code, out, err, str(data_dir / SOCKET_NAME), "coordinator serve")
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:s3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+    ("rediss://app:s3cret@redis.internal:6380/2", "rediss://app:***@redis.internal:6380/2"),
+    ("redis://127.0.0.1:6379/0?password=s3cret&db=1", "redis://127.0.0.1:6379/0?password=***&db=1"),
+    ("unix:///run/redis.sock?db=1", "unix:///run/redis.sock?db=1"),
+])
+def test_redis_urls_are_shown_without_their_password(url: str, shown: str) -> None:
+    assert redact(url) == shown
+
+
+async def test_workers_on_locked_data_directory_is_one_line(
+    data_dir: Path, redis_binary: str
+) -> None:
+    holder = EmbeddedRedis(data_dir, binary=redis_binary)
+    await holder.start()
+    try:
+        code, out, err = await run("serve", "--workers", "2", "--port", str(free_port()),
+                                   env=command_env(data_dir))
+    finally:
+        await holder.stop()
+    assert_one_line_failure(code, out, err, str(data_dir), "in use")
