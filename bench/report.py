@@ -22,9 +22,14 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform(), "revision": rev}
 
 
+# Shown only when a scenario reports them: the flash sale's books, the point of that run.
+_CHECK_COLUMNS = ["correct", "orders", "stock_sold"]
+
+
 def table(results: list[dict[str, Any]]) -> str:
     cols = ["scenario", "tx_per_s", "p50_ms", "p95_ms", "p99_ms", "errors",
             "redis_calls_per_tx", "redis_bytes_per_tx", "ceiling_ratio"]
+    cols += [c for c in _CHECK_COLUMNS if any(c in r for r in results)]
     rows = [[_fmt(r.get(c)) for c in cols] for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
@@ -35,6 +40,8 @@ def table(results: list[dict[str, Any]]) -> str:
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float):
         return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
     return str(value)

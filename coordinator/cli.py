@@ -45,25 +45,64 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def serve(settings: Settings) -> None:
+    from redis.exceptions import RedisError
+
+    from coordinator.embedded_redis import EmbeddedRedisError
+    from coordinator.startup import StartupError, describe_listeners, describe_redis, prepare
+
     if settings.server.workers > 1:
         from coordinator.workers import serve_workers
 
-        sys.exit(serve_workers(settings))
+        # The parent only probes: each child binds the port itself (SO_REUSEPORT).
+        for sock in asyncio.run(prepare(settings, reuse_port=True)):
+            sock.close()
+        try:
+            code = serve_workers(settings)
+        except EmbeddedRedisError as exc:
+            raise StartupError(str(exc)) from None
+        sys.exit(code)
     from aiohttp import web
 
     from coordinator.api.app import create_app
 
     _install_uvloop()
-    web.run_app(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        access_log=None,
-        print=None,
-        reuse_port=settings.server.reuse_port or None,
-        # In-flight branch calls get the engine's grace period, then the server exits.
-        shutdown_timeout=settings.engine.shutdown_grace,
-    )
+    # The port and the Redis URL are checked before anything starts or claims to be ready.
+    sockets = asyncio.run(prepare(settings, reuse_port=settings.server.reuse_port))
+
+    def announce(_aiohttp_banner: str) -> None:
+        # Called by aiohttp once the sites accept connections.
+        print(f"coordinator: listening on {describe_listeners(sockets)} "
+              f"(dtm API at /api/dtmsvr), state in {describe_redis(settings)}", flush=True)
+
+    try:
+        web.run_app(
+            create_app(settings),
+            sock=sockets,
+            access_log=None,
+            print=announce,
+            # In-flight branch calls get the engine's grace period, then the server exits.
+            shutdown_timeout=settings.engine.shutdown_grace,
+        )
+    except (EmbeddedRedisError, RedisError) as exc:
+        # The private redis-server would not start (locked data directory, …) or the
+        # store's scripts could not be loaded: one line, not a traceback.
+        raise StartupError(str(exc)) from None
+
+
+def _redis_cli(argv: Sequence[str]) -> None:
+    from coordinator.redis_cli import exec_redis_cli, split_args
+    from coordinator.startup import StartupError, exit_with
+
+    try:
+        own, rest = split_args(argv)
+        settings = Settings.load(
+            config_file=own.get("--config"), overrides={"redis.url": own.get("--redis-url")}
+        )
+        exec_redis_cli(settings, rest)
+    except SettingsError as exc:
+        exit_with(str(exc), 2)
+    except StartupError as exc:
+        exit_with(str(exc), exc.exit_code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -81,7 +120,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_common(p_demo)
     p_bench = sub.add_parser("bench", help="run a benchmark scenario (source checkout only)")
     p_bench.add_argument("--log-level", default="WARNING")
+    sub.add_parser(
+        "redis-cli",
+        help="run redis-cli against the configured or the private Redis",
+        usage="coordinator redis-cli [--config FILE] [--redis-url URL] [--] [redis-cli args…]",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["redis-cli"] and argv[1:2] not in (["-h"], ["--help"]):
+        # Everything after the coordinator's own options belongs to redis-cli, so argparse
+        # (which would take redis-cli's -h for help) must not see it.
+        _redis_cli(argv[1:])
     has_bench = False
     if argv[:1] == ["bench"]:  # imported only when asked for: it pulls in a lot
         try:
@@ -107,10 +155,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SettingsError as exc:
         print(f"coordinator: {exc}", file=sys.stderr)
         sys.exit(2)
-    if args.command == "serve":
-        serve(settings)
-    elif args.command == "demo":
-        from coordinator.demo import run_demo
+    from coordinator.startup import StartupError, exit_with
 
-        _install_uvloop()
-        sys.exit(asyncio.run(run_demo(settings)))
+    try:
+        if args.command == "serve":
+            serve(settings)
+        elif args.command == "demo":
+            from coordinator.demo import main as demo_main
+
+            _install_uvloop()
+            sys.exit(demo_main(settings))
+    except StartupError as exc:
+        exit_with(str(exc), exc.exit_code)

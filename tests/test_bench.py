@@ -11,6 +11,8 @@ import shutil
 
 import pytest
 
+from bench import report
+from bench.cli import median_of
 from bench.flash_sale import flash_sale
 from bench.scenarios import RunOptions, redis_ceiling, saga_empty, saga_http
 from tests.conftest import require_service
@@ -60,6 +62,13 @@ async def test_flash_sale_books_balance() -> None:
     assert result["correct"] is True
     # Sold out for most of the run: those requests still succeed as "sold out".
     assert int(result["requests"]) > 300  # type: ignore[call-overload]
+    # The table `coordinator bench flash-sale` prints (per run, and the median summary)
+    # shows the books, not only the speed.
+    for shown in (result, median_of([result])):
+        header, row = report.table([shown]).splitlines()
+        columns = dict(zip(header.split(), row.split()[-len(header.split()):], strict=True))
+        assert columns["correct"] == "true"
+        assert columns["orders"] == columns["stock_sold"] == "300"
 
 
 async def test_redis_ceiling_runs() -> None:
