@@ -16,6 +16,7 @@ import orjson
 from coordinator.errors import BadRequest
 from coordinator.machines import msg, saga
 from coordinator.model import TRANS_TYPES, Branch, Options, Status, Trans
+from coordinator.registry.target import validate_grpc_target
 
 GID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 MAX_STEPS = 1000
@@ -174,6 +175,8 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
     protocol = _string(data, "protocol") or "http"
     if protocol not in ("http", "grpc", "json-rpc"):
         raise BadRequest(f"protocol {protocol!r} is not supported", "protocol")
+    if protocol == "grpc":
+        _check_grpc_urls(steps, _string(data, "query_prepared"))
     branches: tuple[Branch, ...] = ()
     if trans_type == "saga":
         for i, step in enumerate(steps):
@@ -208,6 +211,15 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
         options=options,
     )
     return TransRequest(trans, req_extra)
+
+
+def _check_grpc_urls(steps: list[dict[str, str]], query_prepared: str) -> None:
+    """A gRPC branch URL that cannot be called is a 400 now, not a branch retried forever."""
+    named = [(f"steps[{i}].{k}", url) for i, step in enumerate(steps) for k, url in step.items()]
+    for field_name, url in [*named, ("query_prepared", query_prepared)]:
+        problem = validate_grpc_target(url)
+        if problem:
+            raise BadRequest(problem, field_name)
 
 
 BRANCH_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
