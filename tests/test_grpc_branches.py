@@ -17,6 +17,10 @@ import grpc
 import pytest
 
 from coordinator.client import register_service
+from coordinator.engine.grpc_caller import GrpcBranchCaller
+from coordinator.machines.base import OutcomeKind
+from coordinator.model import Branch, Op, Status, Trans
+from coordinator.registry.resolver import Resolvers
 from tests.etcd_support import EtcdServer, etcd  # noqa: F401  (fixture)
 from tests.grpc_participant import (
     ERROR,
@@ -245,6 +249,14 @@ async def test_a_bad_grpc_target_is_refused_at_submit(api: Api, url: str) -> Non
     body["protocol"] = "http"
     body["steps"] = [{"action": "http://127.0.0.1:1/x", "compensate": ""}]
     assert (await api.post("submit", body))[0] == 200
+    # A TCC branch registered with such a URL is refused as well.
+    tcc = {"gid": "g-bad-tcc", "trans_type": "tcc", "protocol": "grpc"}
+    assert (await api.post("prepare", tcc))[0] == 200
+    status, reply = await api.post("registerBranch", {
+        "gid": "g-bad-tcc", "branch_id": "01", "trans_type": "tcc", "confirm": url,
+        "cancel": "127.0.0.1:5000/busi.Busi/Cancel"})
+    assert status == 400, reply
+    assert (await api.query("g-bad-tcc"))["branches"] == []
 
 
 async def test_sigkill_with_grpc_branches_in_flight(redis_url: str, prefix: str) -> None:
@@ -285,3 +297,37 @@ async def test_sigkill_with_grpc_branches_in_flight(redis_url: str, prefix: str)
         await second.aclose()
         await probe.close()
         await busi.stop()
+
+
+async def test_caller_follows_the_registry_and_closes_channels_of_endpoints_gone(
+    etcd: EtcdServer,  # noqa: F811
+) -> None:
+    """In-process: the caller's view of an etcd key, without a coordinator around it."""
+    resolvers = Resolvers()
+    caller = GrpcBranchCaller(3, resolvers, "127.0.0.1:36790")
+    trans = Trans("g-direct", "saga", Status.SUBMITTED, protocol="grpc")
+    branch = Branch("01", Op.ACTION, f"etcd://{etcd.endpoint}/trans.rpc/busi.Busi/TransOut")
+    first, second = await GrpcParticipant().start(), await GrpcParticipant().start()
+    try:
+        nobody = await caller.call(trans, branch, b"x")
+        assert nobody.kind is OutcomeKind.ERROR
+        assert "no endpoint registered" in nobody.message
+        one = await register_service(etcd.target("trans.rpc"), first.address)
+        two = await register_service(etcd.target("trans.rpc"), second.address)
+        resolver = resolvers.get(f"etcd://{etcd.endpoint}/trans.rpc")
+        assert await resolver.wait_for(lambda e: len(e) == 2, 5)
+        for _ in range(4):
+            assert (await caller.call(trans, branch, b"x")).kind is OutcomeKind.SUCCESS
+        assert sorted(caller.addresses) == sorted([first.address, second.address])
+        assert len(first.calls) == len(second.calls) == 2  # round-robin
+        await one.stop()
+        assert await resolver.wait_for(lambda e: e == (second.address,), 5)
+        assert (await caller.call(trans, branch, b"x")).kind is OutcomeKind.SUCCESS
+        assert caller.addresses == (second.address,)
+        assert len(second.calls) == 3
+        await two.stop()
+    finally:
+        await caller.close()
+        await resolvers.close()
+        await first.stop()
+        await second.stop()

@@ -240,4 +240,10 @@ def parse_register(body: bytes | Mapping[str, Any]) -> dict[str, str]:
         raise BadRequest("branch_id must be 1-64 letters, digits, '-' or '_'", "branch_id")
     if out.get("trans_type") not in ("tcc", "xa", "workflow"):
         raise BadRequest("trans_type must be tcc, xa or workflow", "trans_type")
+    # The transaction's protocol is not known here; a URL that is neither http(s) nor a
+    # gRPC target can be called by neither, so it is refused rather than retried forever.
+    for name in ("confirm", "cancel", "url"):
+        problem = validate_grpc_target(out.get(name, ""))
+        if problem:
+            raise BadRequest(problem, name)
     return out

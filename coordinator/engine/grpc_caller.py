@@ -15,6 +15,7 @@ FAILED_PRECONDITION is ongoing; anything else is an error, retried with back-off
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import grpc
@@ -43,6 +44,17 @@ class GrpcBranchCaller:
         # One channel per address, reused by every call to it (grpc multiplexes them).
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._methods: dict[tuple[str, str], UnaryCall] = {}
+        # The endpoint list last seen per registry server, and addresses dialled directly:
+        # a channel to an endpoint that left the registry (and is not dialled directly)
+        # is closed, so endpoints that come and go do not pile up open channels.
+        self._resolved: dict[str, tuple[str, ...]] = {}
+        self._direct: set[str] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The addresses with an open channel."""
+        return tuple(self._channels)
 
     async def call(self, trans: Trans, branch: Branch, body: bytes) -> Outcome:
         try:
@@ -69,15 +81,36 @@ class GrpcBranchCaller:
         self._methods.clear()
         for channel in channels:
             await channel.close(None)
+        for task in list(self._closing):
+            await task
 
     async def _address(self, server: str) -> str | None:
         """host:port to dial: the server itself, or the next endpoint of its registry key."""
         if not is_registry_url(server):
+            self._direct.add(server)
             return server
         resolver = self.resolvers.get(server)
         if not resolver.ready.is_set():
             await resolver.wait_ready(self.resolve_timeout)
+        endpoints = resolver.endpoints
+        previous = self._resolved.get(server, ())
+        if endpoints is not previous:
+            self._resolved[server] = endpoints
+            self._drop(set(previous) - set(endpoints))
         return resolver.pick()
+
+    def _drop(self, gone: set[str]) -> None:
+        in_use = self._direct.union(*self._resolved.values())
+        for address in gone - in_use:
+            channel = self._channels.pop(address, None)
+            if channel is None:
+                continue
+            for key in [k for k in self._methods if k[0] == address]:
+                del self._methods[key]
+            # Calls still running on it get the usual deadline to finish.
+            task = asyncio.create_task(channel.close(self.default_timeout))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _method(self, address: str, method: str) -> UnaryCall:
         call = self._methods.get((address, method))
