@@ -249,6 +249,12 @@ async def test_a_bad_grpc_target_is_refused_at_submit(api: Api, url: str) -> Non
     body["protocol"] = "http"
     body["steps"] = [{"action": "http://127.0.0.1:1/x", "compensate": ""}]
     assert (await api.post("submit", body))[0] == 200
+    # Metadata gRPC cannot send is refused too.
+    good = {**body, "gid": "g-bad-header", "protocol": "grpc",
+            "steps": [{"action": "127.0.0.1:5000/busi.Busi/Action", "compensate": ""}]}
+    status, reply = await api.post("submit", {**good, "branch_headers": {"x-name": "Zoë"}})
+    assert status == 400, reply
+    assert "branch_headers" in str(reply)
     # A TCC branch registered with such a URL is refused as well.
     tcc = {"gid": "g-bad-tcc", "trans_type": "tcc", "protocol": "grpc"}
     assert (await api.post("prepare", tcc))[0] == 200

@@ -228,3 +228,40 @@ async def test_etcd_with_tls_client_certificates(redis_url: str, prefix: str) ->
         finally:
             await proc.aclose()
         assert await _keys(server, "dtmservice/") == {}
+
+
+async def test_fails_over_to_the_next_etcd_member(etcd: EtcdServer) -> None:  # noqa: F811
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    target = f"etcd://{dead},{etcd.endpoint}/trans.rpc"
+    publisher = Publisher(target, "127.0.0.1:1001", retry_interval=0.2)
+    publisher.start()
+    try:
+        assert await publisher.wait_registered(10)
+        assert publisher.client.member == etcd.endpoint
+        assert await resolve_target(target, timeout=10) == ["127.0.0.1:1001"]
+    finally:
+        await publisher.stop()
+
+
+async def test_user_and_password_from_the_target(etcd: EtcdServer) -> None:  # noqa: F811
+    from aetcd import rpc
+
+    admin = etcd.client()
+    await admin.connect()
+    auth = rpc.AuthStub(admin.channel)
+    await auth.RoleAdd(rpc.AuthRoleAddRequest(name="root"))
+    await auth.UserAdd(rpc.AuthUserAddRequest(name="root", password="s3cret"))
+    await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"))
+    await auth.AuthEnable(rpc.AuthEnableRequest())
+    await admin.close_quietly()
+    anonymous = Publisher(etcd.target("dtmservice"), "127.0.0.1:1001", retry_interval=0.2)
+    anonymous.start()
+    assert not await anonymous.wait_registered(1.5)  # etcd refuses writes without a user
+    await anonymous.stop()
+    target = etcd.target("dtmservice") + "?user=root&password=s3cret"
+    publisher = await register_service(target, "127.0.0.1:1001")
+    try:
+        assert publisher.registered.is_set()
+        assert await resolve_target(target) == ["127.0.0.1:1001"]
+    finally:
+        await publisher.stop()

@@ -177,6 +177,7 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
         raise BadRequest(f"protocol {protocol!r} is not supported", "protocol")
     if protocol == "grpc":
         _check_grpc_urls(steps, _string(data, "query_prepared"))
+        _check_metadata(options.branch_headers)
     branches: tuple[Branch, ...] = ()
     if trans_type == "saga":
         for i, step in enumerate(steps):
@@ -220,6 +221,17 @@ def _check_grpc_urls(steps: list[dict[str, str]], query_prepared: str) -> None:
         problem = validate_grpc_target(url)
         if problem:
             raise BadRequest(problem, field_name)
+
+
+GRPC_METADATA_VALUE = re.compile(r"^[\x20-\x7e]*$")
+
+
+def _check_metadata(headers: Mapping[str, str]) -> None:
+    """gRPC sends only printable ASCII in metadata: anything else would fail every call."""
+    for key, value in headers.items():
+        if not GRPC_METADATA_VALUE.match(key) or not GRPC_METADATA_VALUE.match(value):
+            raise BadRequest(f"branch_headers[{key!r}] must be printable ASCII for gRPC",
+                             "branch_headers")
 
 
 BRANCH_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
