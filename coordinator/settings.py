@@ -101,6 +101,8 @@ class Settings:
         """The gRPC address other services are told to use for this coordinator."""
         if self.registry.endpoint:
             return self.registry.endpoint
+        if not self.server.grpc_port:
+            return ""  # no gRPC API to point at
         host = self.server.host
         return f"[{host}]:{self.server.grpc_port}" if ":" in host else (
             f"{host}:{self.server.grpc_port}"

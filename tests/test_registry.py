@@ -68,6 +68,9 @@ def test_settings_refuse_a_wildcard_endpoint() -> None:
     env = {"COORDINATOR_REGISTRY_TARGET": "etcd://127.0.0.1:2379/dtm",
            "COORDINATOR_SERVER_GRPC_PORT": "4000"}
     assert Settings.load(env=env).advertised_endpoint() == "127.0.0.1:4000"
+    assert Settings.load(env={"COORDINATOR_SERVER_GRPC_PORT": "0"}).advertised_endpoint() == ""
+    with pytest.raises(SettingsError, match=r"grpc_port is 0"):
+        Settings.load(env={**env, "COORDINATOR_SERVER_GRPC_PORT": "0"})
 
 
 async def _keys(server: EtcdServer, prefix: str) -> dict[str, tuple[str, int]]:

@@ -91,6 +91,10 @@ class Publisher:
                 self._warn(exc)
                 self.registered.clear()
                 await self.client.rotate()
+            except Exception:  # a bug must not end the registration for good
+                log.exception("etcd publisher of %s failed; trying again", self.endpoint)
+                self.registered.clear()
+                await self.client.rotate()
             await asyncio.sleep(self.retry_interval)
 
     async def _register(self) -> None:

@@ -91,6 +91,9 @@ class Resolver:
                                 describe_error(exc), len(self._endpoints))
                     self._warned = True
                 await self.client.rotate()
+            except Exception:  # a bug must not freeze the endpoint list for good
+                log.exception("resolver of %s failed; reading again", self.target.describe())
+                await self.client.rotate()
             await asyncio.sleep(self.retry_interval)
 
     async def _sync_and_watch(self) -> None:
