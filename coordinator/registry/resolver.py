@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Callable
 
 from coordinator.registry.etcd import ETCD_ERRORS, EtcdClient, EtcdTls, describe_error
 from coordinator.registry.target import EtcdTarget, parse_etcd_target
@@ -58,9 +59,9 @@ class Resolver:
             return False
         return True
 
-    async def wait_for(self, predicate: object, timeout: float) -> bool:
+    async def wait_for(self, predicate: Callable[[tuple[str, ...]], bool],
+                       timeout: float) -> bool:
         """Wait until `predicate(endpoints)` holds (for tests and start-up checks)."""
-        assert callable(predicate)
         deadline = asyncio.get_running_loop().time() + timeout
         self.start()
         while not predicate(self._endpoints):
