@@ -28,6 +28,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
             "server.port": args.port,
             "redis.url": args.redis_url,
             "server.workers": getattr(args, "workers", None),
+            "registry.target": getattr(args, "register", None),
         },
     )
 
@@ -115,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_common(p_serve)
     p_serve.add_argument(
         "--workers", type=int, help="processes sharing the port (env: COORDINATOR_SERVER_WORKERS)"
+    )
+    p_serve.add_argument(
+        "--register",
+        help="publish the gRPC endpoint in a go-zero registry, e.g. "
+        "etcd://127.0.0.1:2379/dtmservice (env: COORDINATOR_REGISTRY_TARGET)",
     )
     p_demo = sub.add_parser("demo", help="run the coordinator with demo services and sagas")
     _add_common(p_demo)

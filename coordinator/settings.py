@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.machines.base import Defaults
+from coordinator.registry.target import TargetError, parse_etcd_target
 
 
 class SettingsError(ValueError):
@@ -27,6 +28,7 @@ class SettingsError(ValueError):
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 36789
+    grpc_port: int = 36790
     max_body_bytes: int = 1 << 20
     # Longest a submit with wait_result waits for the outcome before answering ONGOING.
     wait_result_timeout: float = 30.0
@@ -77,10 +79,34 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class RegistrySettings:
+    # go-zero registry to publish the coordinator in, e.g. etcd://127.0.0.1:2379/dtmservice.
+    target: str = ""
+    # The gRPC address published there; empty: <server.host>:<server.grpc_port>.
+    endpoint: str = ""
+    # PEM files for etcd with TLS client certificates (registering and resolving).
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+
+    def advertised_endpoint(self) -> str:
+        """The gRPC address other services are told to use for this coordinator."""
+        if self.registry.endpoint:
+            return self.registry.endpoint
+        if not self.server.grpc_port:
+            return ""  # no gRPC API to point at
+        host = self.server.host
+        return f"[{host}]:{self.server.grpc_port}" if ":" in host else (
+            f"{host}:{self.server.grpc_port}"
+        )
 
     @classmethod
     def load(
@@ -166,12 +192,37 @@ class Settings:
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)
+        self._validate_registry()
+
+    def _validate_registry(self) -> None:
+        registry = self.registry
+        for path in (registry.etcd_ca, registry.etcd_cert, registry.etcd_key):
+            if path and not Path(path).is_file():
+                raise SettingsError(f"registry: etcd TLS file {path} does not exist")
+        if bool(registry.etcd_cert) != bool(registry.etcd_key):
+            raise SettingsError("registry.etcd_cert and registry.etcd_key go together")
+        if not registry.target:
+            return
+        try:
+            parse_etcd_target(registry.target)
+        except TargetError as exc:
+            raise SettingsError(f"registry.target: {exc}") from None
+        if registry.endpoint:
+            return
+        if self.server.host in ("0.0.0.0", "::", "", "[::]"):
+            raise SettingsError(
+                f"registry.endpoint is required with server.host {self.server.host!r}: "
+                "other services cannot dial a wildcard address"
+            )
+        if not self.server.grpc_port:
+            raise SettingsError("registry.endpoint is required when server.grpc_port is 0")
 
 
 _SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "redis": RedisSettings,
     "engine": EngineSettings,
+    "registry": RegistrySettings,
 }
 
 

@@ -15,6 +15,7 @@ from coordinator.api.routes import ENGINE, SERVICE, SETTINGS, STORE, add_routes
 from coordinator.embedded_redis import EmbeddedRedis
 from coordinator.engine.caller import BranchCaller
 from coordinator.engine.engine import Engine
+from coordinator.engine.grpc_caller import GrpcBranchCaller
 from coordinator.engine.http1 import Http1Pool
 from coordinator.keys import KeySpace
 from coordinator.machines.base import Machine
@@ -22,6 +23,9 @@ from coordinator.machines.msg import MsgMachine
 from coordinator.machines.saga import SagaMachine
 from coordinator.machines.tcc import TccMachine, XaMachine
 from coordinator.machines.workflow import WorkflowMachine
+from coordinator.registry.etcd import EtcdTls
+from coordinator.registry.publisher import Publisher
+from coordinator.registry.resolver import Resolvers
 from coordinator.service import Service
 from coordinator.settings import Settings
 from coordinator.store.redis_store import RedisStore
@@ -69,6 +73,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     session: aiohttp.ClientSession | None = None
     pool: Http1Pool | None = None
     engine: Engine | None = None
+    publisher: Publisher | None = None
+    registry = settings.registry
+    tls = EtcdTls(registry.etcd_ca, registry.etcd_cert, registry.etcd_key)
+    resolvers = Resolvers(tls)
+    grpc_caller = GrpcBranchCaller(
+        settings.engine.request_timeout, resolvers, settings.advertised_endpoint()
+    )
     try:
         await store.start()
         # One keep-alive pool for every branch call; the per-host limit keeps one slow
@@ -76,21 +87,31 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30)
         session = aiohttp.ClientSession(connector=connector, skip_auto_headers=["User-Agent"])
         pool = Http1Pool(limit_per_host=256)
-        caller = BranchCaller(session, settings.engine.request_timeout, pool)
+        caller = BranchCaller(session, settings.engine.request_timeout, pool, grpc_caller)
         engine = Engine(store, caller, MACHINES, settings.engine)
         app[STORE] = store
         app[ENGINE] = engine
         app[SERVICE] = Service(engine, settings)
         engine.start()
         log.info("coordinator %s ready, store %s", engine.instance, _safe_url(url))
+        if registry.target:
+            # In the background: etcd being down must not keep the coordinator from serving.
+            publisher = Publisher(registry.target, settings.advertised_endpoint(), tls)
+            publisher.start()
+            log.info("registering %s in %s", publisher.endpoint, publisher.target.describe())
         yield
     finally:
+        if publisher is not None:
+            # First, so clients stop picking this coordinator while it drains.
+            await publisher.stop()
         if engine is not None:
             await engine.stop()
         if session is not None:
             await session.close()
         if pool is not None:
             await pool.close()
+        await grpc_caller.close()
+        await resolvers.close()
         await store.close()
         if embedded is not None:
             await embedded.stop()

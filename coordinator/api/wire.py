@@ -16,6 +16,7 @@ import orjson
 from coordinator.errors import BadRequest
 from coordinator.machines import msg, saga
 from coordinator.model import TRANS_TYPES, Branch, Options, Status, Trans
+from coordinator.registry.target import validate_grpc_target
 
 GID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 MAX_STEPS = 1000
@@ -174,6 +175,9 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
     protocol = _string(data, "protocol") or "http"
     if protocol not in ("http", "grpc", "json-rpc"):
         raise BadRequest(f"protocol {protocol!r} is not supported", "protocol")
+    if protocol == "grpc":
+        _check_grpc_urls(steps, _string(data, "query_prepared"))
+        _check_metadata(options.branch_headers)
     branches: tuple[Branch, ...] = ()
     if trans_type == "saga":
         for i, step in enumerate(steps):
@@ -210,6 +214,26 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
     return TransRequest(trans, req_extra)
 
 
+def _check_grpc_urls(steps: list[dict[str, str]], query_prepared: str) -> None:
+    """A gRPC branch URL that cannot be called is a 400 now, not a branch retried forever."""
+    named = [(f"steps[{i}].{k}", url) for i, step in enumerate(steps) for k, url in step.items()]
+    for field_name, url in [*named, ("query_prepared", query_prepared)]:
+        problem = validate_grpc_target(url)
+        if problem:
+            raise BadRequest(problem, field_name)
+
+
+GRPC_METADATA_VALUE = re.compile(r"^[\x20-\x7e]*$")
+
+
+def _check_metadata(headers: Mapping[str, str]) -> None:
+    """gRPC sends only printable ASCII in metadata: anything else would fail every call."""
+    for key, value in headers.items():
+        if not GRPC_METADATA_VALUE.match(key) or not GRPC_METADATA_VALUE.match(value):
+            raise BadRequest(f"branch_headers[{key!r}] must be printable ASCII for gRPC",
+                             "branch_headers")
+
+
 BRANCH_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
@@ -228,4 +252,10 @@ def parse_register(body: bytes | Mapping[str, Any]) -> dict[str, str]:
         raise BadRequest("branch_id must be 1-64 letters, digits, '-' or '_'", "branch_id")
     if out.get("trans_type") not in ("tcc", "xa", "workflow"):
         raise BadRequest("trans_type must be tcc, xa or workflow", "trans_type")
+    # The transaction's protocol is not known here; a URL that is neither http(s) nor a
+    # gRPC target can be called by neither, so it is refused rather than retried forever.
+    for name in ("confirm", "cancel", "url"):
+        problem = validate_grpc_target(out.get(name, ""))
+        if problem:
+            raise BadRequest(problem, name)
     return out

@@ -28,6 +28,7 @@ from coordinator.client.participant import (
     query_prepared_handler,
     response_for,
 )
+from coordinator.client.registry import register_service, resolve_target
 from coordinator.client.saga import Saga
 from coordinator.client.tcc import Tcc, tcc_global
 from coordinator.client.workflow import (
@@ -69,7 +70,9 @@ __all__ = [
     "local_gid",
     "new_gid",
     "query_prepared_handler",
+    "register_service",
     "register_xa_branch",
+    "resolve_target",
     "response_for",
     "tcc_global",
     "xa_global",

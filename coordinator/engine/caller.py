@@ -8,6 +8,7 @@ import aiohttp
 import orjson
 import yarl
 
+from coordinator.engine.grpc_caller import GrpcBranchCaller
 from coordinator.engine.http1 import Http1Error, Http1Pool
 from coordinator.machines.base import SUCCESS, Outcome, OutcomeKind
 from coordinator.model import Branch, Trans
@@ -25,17 +26,22 @@ class BranchCaller:
 
     def __init__(
         self, session: aiohttp.ClientSession, default_timeout: float,
-        pool: Http1Pool | None = None,
+        pool: Http1Pool | None = None, grpc: GrpcBranchCaller | None = None,
     ) -> None:
         self.session = session
         self.default_timeout = default_timeout
         # Plain-http calls go through the lean keep-alive client; https through aiohttp.
         self.pool = pool
+        # Branches of transactions with protocol grpc whose URL is not http(s)://.
+        self.grpc = grpc
 
     async def call(self, trans: Trans, branch: Branch) -> Outcome:
         if not branch.url:
             return SUCCESS
         if not branch.url.startswith(("http://", "https://")):
+            if trans.protocol == "grpc" and self.grpc is not None:
+                # Payloads are text today; the bytes go out exactly as they were stored.
+                return await self.grpc.call(trans, branch, trans.payload_of(branch).encode())
             return Outcome(OutcomeKind.ERROR, f"unsupported branch URL {branch.url!r}")
         body = trans.payload_of(branch)
         if trans.protocol == "json-rpc" and "method=" in branch.url:

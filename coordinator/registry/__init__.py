@@ -1,0 +1,1 @@
+"""go-zero's service registry in etcd: target parsing, publishing and resolving."""
