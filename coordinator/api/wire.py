@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -16,6 +15,7 @@ import orjson
 from coordinator.errors import BadRequest
 from coordinator.machines import msg, saga
 from coordinator.model import TRANS_TYPES, Branch, Options, Status, Trans
+from coordinator.requests import GidRequest, RegisterRequest, TransRequest
 
 GID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 MAX_STEPS = 1000
@@ -23,12 +23,6 @@ MAX_STEPS = 1000
 # Larger values overflowed the Lua scripts' integer formatting and made the stored times
 # unrenderable, so `query` of such a transaction answered 500.
 MAX_OPTION = 100 * 365 * 86_400
-
-
-@dataclass(frozen=True)
-class TransRequest:
-    trans: Trans
-    req_extra: dict[str, str]
 
 
 def load_object(body: bytes) -> dict[str, Any]:
@@ -145,6 +139,15 @@ def parse_gid_only(body: bytes | Mapping[str, Any]) -> tuple[str, dict[str, Any]
     return check_gid(data.get("gid")), data
 
 
+def parse_gid_request(body: bytes | Mapping[str, Any]) -> GidRequest:
+    """abort, forceStop, resetNextCronTime; abort also reads rollback_reason and
+    wait_result (values of another type are ignored, as they always were)."""
+    gid, data = parse_gid_only(body)
+    reason = data.get("rollback_reason")
+    return GidRequest(gid, reason if isinstance(reason, str) else "",
+                      data.get("wait_result") is True)
+
+
 def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest:
     """Validate a prepare/submit body and build the transaction it describes.
 
@@ -213,7 +216,7 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
 BRANCH_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
-def parse_register(body: bytes | Mapping[str, Any]) -> dict[str, str]:
+def parse_register(body: bytes | Mapping[str, Any]) -> RegisterRequest:
     """registerBranch takes a flat object of strings (gid, branch_id, trans_type, ...)."""
     data = load_object(body) if isinstance(body, bytes) else dict(body)
     out: dict[str, str] = {}
@@ -228,4 +231,4 @@ def parse_register(body: bytes | Mapping[str, Any]) -> dict[str, str]:
         raise BadRequest("branch_id must be 1-64 letters, digits, '-' or '_'", "branch_id")
     if out.get("trans_type") not in ("tcc", "xa", "workflow"):
         raise BadRequest("trans_type must be tcc, xa or workflow", "trans_type")
-    return out
+    return RegisterRequest(out["gid"], out["branch_id"], out["trans_type"], out)
