@@ -66,9 +66,9 @@ def branch_json(t: Trans, b: Branch) -> dict[str, Any]:
     }
     _put(out, "gid", t.gid)
     _put(out, "url", b.url)
-    body = t.payload_of(b)
+    body = t.payload_bytes(b)
     # dtm stores the body as bytes, which Go's JSON encoder writes as base64.
-    _put(out, "bin_data", base64.b64encode(body.encode()).decode() if body else "")
+    _put(out, "bin_data", base64.b64encode(body).decode() if body else "")
     _put(out, "branch_id", b.branch_id)
     _put(out, "op", b.op.value)
     _put(out, "status", b.status.value)
