@@ -289,3 +289,23 @@ async def test_every_worker_process_serves_grpc(redis_url: str, prefix: str) -> 
     finally:
         await proc.aclose()
     assert _listeners(proc.grpc_port) == 0
+
+
+async def test_store_down_is_unavailable(tmp_path: Path) -> None:
+    from coordinator.embedded_redis import EmbeddedRedis
+
+    store = EmbeddedRedis(tmp_path / "r")
+    url = await store.start()
+    proc = await CoordinatorProcess(url, "down").start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as ch:
+            stub = pb_grpc.DtmStub(ch)
+            await stub.Prepare(pb.DtmRequest(Gid=gid(), TransType="tcc", Steps="null"))
+            await store.stop()
+            code, _ = await code_of(
+                stub.Prepare(pb.DtmRequest(Gid=gid(), TransType="tcc", Steps="null"),
+                             timeout=20))
+            assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await proc.aclose()
+        await store.stop()

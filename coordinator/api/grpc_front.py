@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 import orjson
+import redis.exceptions
 from google.protobuf import empty_pb2
 
 from coordinator.api.auth import bearer_value, token_matches
@@ -50,6 +51,9 @@ CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (Unauthorized, grpc.StatusCode.UNAUTHENTICATED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    # A store that cannot be reached, as far as the store layer lets it through raw.
+    (redis.exceptions.ConnectionError, grpc.StatusCode.UNAVAILABLE),
+    (redis.exceptions.TimeoutError, grpc.StatusCode.UNAVAILABLE),
     (TransactionFailure, grpc.StatusCode.ABORTED),
     (TransactionOngoing, grpc.StatusCode.FAILED_PRECONDITION),
 )
