@@ -25,11 +25,17 @@ def generate(out_dir: Path) -> list[Path]:
     """Write the modules of PACKAGE below `out_dir`; return the files written."""
     from grpc_tools import protoc  # dev-only: installed with grpcio-tools
 
-    if shutil.which("protoc-gen-mypy") is None:
-        raise RuntimeError("protoc-gen-mypy not found: pip install mypy-protobuf")
+    plugins = []
+    for name in ("protoc-gen-mypy", "protoc-gen-mypy_grpc"):
+        # Next to this interpreter first: a virtualenv's scripts need not be on PATH.
+        path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+        if path is None:
+            raise RuntimeError(f"{name} not found: pip install mypy-protobuf")
+        plugins.append(f"--plugin={name}={path}")
     well_known = resources.files("grpc_tools") / "_proto"
     args = [
         "grpc_tools.protoc",
+        *plugins,
         f"--proto_path={PACKAGE}={ROOT / 'proto'}",
         f"--proto_path={well_known}",
         f"--python_out={out_dir}",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -309,3 +311,48 @@ async def test_store_down_is_unavailable(tmp_path: Path) -> None:
     finally:
         await proc.aclose()
         await store.stop()
+
+
+def _listening_sockets_of(pid: int) -> int:
+    """Listening TCP sockets held by process `pid`."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                count += 1
+    return count
+
+
+async def test_grpc_port_zero_turns_it_off(redis_url: str, prefix: str) -> None:
+    on = await CoordinatorProcess(redis_url, prefix).start()
+    off = CoordinatorProcess(redis_url, prefix)
+    off.grpc_port = 0  # passed as --grpc-port 0
+    await off.start()
+    try:
+        assert on.proc is not None
+        assert off.proc is not None
+        assert _listening_sockets_of(on.proc.pid) == 2  # HTTP and gRPC
+        assert _listening_sockets_of(off.proc.pid) == 1  # HTTP only
+    finally:
+        await on.aclose()
+        await off.aclose()
+
+
+def test_grpc_port_setting() -> None:
+    from coordinator.cli import main
+    from coordinator.settings import Settings, SettingsError
+
+    assert Settings.load(env={}).server.grpc_port == 36790
+    assert Settings.load(env={"COORDINATOR_SERVER_GRPC_PORT": "0"}).server.grpc_port == 0
+    with pytest.raises(SettingsError, match=r"server\.grpc_port"):
+        Settings.load(env={"COORDINATOR_SERVER_GRPC_PORT": "70000"})
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--grpc-port", "70000"])
+    assert info.value.code == 2
