@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", type=Path, help="PNG of throughput and p99 over time")
     p.add_argument("--compare", metavar="REV",
                    help="also run the coordinator of git revision REV, alternating runs")
+    p.add_argument("--protocol", choices=["http", "grpc", "both"], default="http",
+                   help="saga-empty/saga: submit over dtm's HTTP or gRPC API; both: "
+                   "alternate the two in one run, side by side")
     p.add_argument("--stock", type=int, default=0,
                    help="flash-sale: units in stock (default: about 5 s of selling)")
 
@@ -50,7 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     opts = RunOptions(duration=args.duration, warmup=args.warmup,
                       concurrency=args.concurrency, workers=args.workers,
-                      redis_url=args.redis_url, stock=args.stock)
+                      redis_url=args.redis_url, stock=args.stock,
+                      protocol="http" if args.protocol == "both" else args.protocol)
+    if args.protocol == "both":
+        if args.compare or args.scenario not in ("saga-empty", "saga"):
+            sys.exit("--protocol both: saga-empty or saga only, and not with --compare")
+        args.compare = "grpc"
+        return _run(args, opts, replace(opts, protocol="grpc"))
     if args.compare:
         with Checkout(args.compare) as tree:
             return _run(args, opts, replace(opts, root=tree))
@@ -73,7 +82,7 @@ def _run(args: argparse.Namespace, opts: RunOptions, other: RunOptions | None) -
             if ceiling.get("tx_per_s"):
                 result["ceiling_tx_per_s"] = ceiling["tx_per_s"]
                 result["ceiling_ratio"] = round(result["tx_per_s"] / ceiling["tx_per_s"], 3)
-            if o is other:
+            if o is other and o.protocol == opts.protocol:
                 result["scenario"] = f"{result['scenario']}@{args.compare}"
             bucket.append(result)
             print(report.table([result]), file=sys.stderr)

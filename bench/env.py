@@ -96,6 +96,7 @@ class BenchEnv:
         self.workers = workers
         self.coordinator_env = {k: str(v) for k, v in coordinator_env.items()}
         self.port = free_port()
+        self.grpc_port = free_port()
         self.procs = Processes()
         self._embedded: EmbeddedRedis | None = None
         self._data_dir = Path()
@@ -112,7 +113,10 @@ class BenchEnv:
             self.redis_url = await self._embedded.start()
         self.redis = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
         await self.redis.flushdb()
-        env = {"COORDINATOR_ENGINE_POLL_INTERVAL": "0.05", **self.coordinator_env}
+        # The gRPC port by environment, not flag: a --compare revision without gRPC
+        # ignores an unknown variable but would refuse an unknown flag.
+        env = {"COORDINATOR_ENGINE_POLL_INTERVAL": "0.05",
+               "COORDINATOR_SERVER_GRPC_PORT": str(self.grpc_port), **self.coordinator_env}
         await self.procs.spawn(
             "coordinator", sys.executable, "-m", "coordinator", "serve",
             "--workers", str(self.workers), "--port", str(self.port),

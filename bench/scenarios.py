@@ -13,7 +13,8 @@ from typing import Any
 import orjson
 
 from bench.env import BenchEnv, redis_counters
-from bench.loadgen import Checker, RequestFactory, run_load
+from bench.grpc_load import run_grpc_saga_load
+from bench.loadgen import LoadResult, RequestFactory, run_load
 from bench.progress import show_progress
 from bench.stats import Recorder, summarize, timeline
 from coordinator.keys import KeySpace
@@ -33,6 +34,8 @@ class RunOptions:
     stock: int = 0
     # Run the coordinator from this checkout instead of the current code (--compare).
     root: Path | None = None
+    # How the load generator submits: dtm's HTTP API or its gRPC API (dtmgimp.Dtm).
+    protocol: str = "http"
 
 
 def ok_200(status: int, body: bytes) -> bool:
@@ -40,7 +43,7 @@ def ok_200(status: int, body: bytes) -> bool:
 
 
 async def measure(
-    label: str, env: BenchEnv, factory: RequestFactory, check: Checker, opts: RunOptions
+    label: str, env: BenchEnv, steps: list[dict[str, str]], opts: RunOptions
 ) -> dict[str, Any]:
     """Drive load at the coordinator and summarise latency, throughput and Redis cost."""
     assert env.redis is not None
@@ -55,10 +58,17 @@ async def measure(
 
     snap = asyncio.create_task(snapshot_after_warmup())
     start = time.perf_counter()
-    result = await run_load(
-        "127.0.0.1", env.port, factory, check, concurrency=opts.concurrency,
-        duration=opts.duration, warmup=opts.warmup, recorder=recorder,
-    )
+    result: LoadResult
+    if opts.protocol == "grpc":
+        result = await run_grpc_saga_load(
+            env.grpc_port, uuid.uuid4().hex[:8], steps, concurrency=opts.concurrency,
+            duration=opts.duration, warmup=opts.warmup, recorder=recorder,
+        )
+    else:
+        result = await run_load(
+            "127.0.0.1", env.port, saga_factory(steps), ok_200, concurrency=opts.concurrency,
+            duration=opts.duration, warmup=opts.warmup, recorder=recorder,
+        )
     await snap
     after = await redis_counters(env.redis)
     progress.cancel()
@@ -67,7 +77,7 @@ async def measure(
     s = summarize(recorder, opts.duration)
     n = max(s.count, 1)
     return {
-        "scenario": label,
+        "scenario": label if opts.protocol == "http" else f"{label} ({opts.protocol})",
         "tx_per_s": round(s.per_s, 1),
         "transactions": s.count,
         "p50_ms": round(s.p50_ms, 2),
@@ -110,7 +120,7 @@ async def saga_empty(opts: RunOptions) -> dict[str, Any]:
     await env.start()
     try:
         steps = [{"action": "", "compensate": ""}, {"action": "", "compensate": ""}]
-        out = await measure("saga-empty", env, saga_factory(steps), ok_200, opts)
+        out = await measure("saga-empty", env, steps, opts)
         out["ceiling"] = await redis_ceiling_on(env, opts, with_branch_writes=False)
         return out
     finally:
@@ -127,7 +137,7 @@ async def saga_http(opts: RunOptions) -> dict[str, Any]:
             {"action": f"{base}/TransOut", "compensate": f"{base}/TransOutRevert"},
             {"action": f"{base}/TransIn", "compensate": f"{base}/TransInRevert"},
         ]
-        out = await measure("saga", env, saga_factory(steps), ok_200, opts)
+        out = await measure("saga", env, steps, opts)
         out["ceiling"] = await redis_ceiling_on(env, opts, with_branch_writes=True)
         return out
     finally:

@@ -29,6 +29,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
             "redis.url": args.redis_url,
             "server.workers": getattr(args, "workers", None),
             "registry.target": getattr(args, "register", None),
+            "server.grpc_port": args.grpc_port,
         },
     )
 
@@ -37,6 +38,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML settings file (env: COORDINATOR_CONFIG)")
     p.add_argument("--host", help="address to listen on (env: COORDINATOR_HOST)")
     p.add_argument("--port", type=int, help="port to listen on (env: COORDINATOR_PORT)")
+    p.add_argument(
+        "--grpc-port", type=int,
+        help="port of the gRPC API dtmgimp.Dtm, 0 = off (default 36790; "
+        "env: COORDINATOR_SERVER_GRPC_PORT)",
+    )
     p.add_argument(
         "--redis-url",
         help="Redis to keep state in; without it a private redis-server is started "

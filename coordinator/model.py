@@ -139,6 +139,16 @@ class Trans:
             ),
         )
 
+    def payload_bytes(self, branch: Branch) -> bytes:
+        """The exact bytes to send with a branch call.
+
+        A transaction that came in over gRPC carries raw bytes (BinPayloads, a TCC
+        branch's BusiPayload); they are kept as text decoded as latin-1, one character
+        per byte, so the same bytes go out again whatever they hold.
+        """
+        body = self.payload_of(branch)
+        return body.encode("latin-1" if self.protocol == "grpc" else "utf-8")
+
     def payload_of(self, branch: Branch) -> str:
         """The body sent with a branch call."""
         if branch.data:

@@ -1,7 +1,8 @@
 """The service layer: what each API operation does, shared by HTTP and JSON-RPC.
 
-Operations take parsed request data and either return a result or raise a typed
-error from `coordinator.errors`; the front ends only translate.
+Operations take the typed requests of `coordinator.requests` and either return a typed
+answer or raise a typed error from `coordinator.errors`. Each front end (HTTP, JSON-RPC,
+gRPC) parses its own wire format and renders the answers: nothing here imports one.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from typing import Any
 import orjson
 
 from coordinator import __version__
-from coordinator.api.render import branch_json, trans_json
-from coordinator.api.wire import check_gid, parse_gid_only, parse_register, parse_trans
 from coordinator.engine.engine import Engine
 from coordinator.errors import (
     AlreadyExists,
@@ -29,8 +28,9 @@ from coordinator.errors import (
 from coordinator.machines import msg
 from coordinator.machines.base import timeout_of
 from coordinator.model import FINISHED, UNFINISHED, Branch, BranchStatus, Op, Status, Trans
+from coordinator.requests import GidRequest, RegisterRequest, TransRequest, WorkflowState
 from coordinator.settings import Settings
-from coordinator.store.base import ListFilter, Transition
+from coordinator.store.base import ListFilter, Page, Transition
 
 _ALPHABET = string.ascii_letters + string.digits
 PREPARED = frozenset({Status.PREPARED})
@@ -63,8 +63,8 @@ class Service:
         except KeyError as exc:
             raise TransactionFailure(f"topic {exc.args[0]!r} has no subscribers") from None
 
-    async def prepare(self, body: bytes | Mapping[str, Any]) -> None:
-        trans = await self._with_branches(parse_trans(body, Status.PREPARED).trans)
+    async def prepare(self, req: TransRequest) -> None:
+        trans = await self._with_branches(req.trans)
         # A prepared transaction is looked at again when it times out (msg back-check,
         # tcc/xa rollback, workflow recovery).
         due = timeout_of(trans, self.engine.defaults) * 1000
@@ -76,8 +76,7 @@ class Service:
                     f"transaction {trans.gid} has status '{exc.status}', cannot prepare"
                 ) from None
 
-    async def submit(self, body: bytes | Mapping[str, Any]) -> None:
-        req = parse_trans(body, Status.SUBMITTED)
+    async def submit(self, req: TransRequest) -> None:
         trans = req.trans
         if trans.trans_type == "workflow":
             await self._finish_workflow(trans, req.req_extra)
@@ -147,8 +146,8 @@ class Service:
                 f"transaction {gid} is {final.status.value}; it will be retried"
             )
 
-    async def abort(self, body: bytes | Mapping[str, Any]) -> None:
-        gid, data = parse_gid_only(body)
+    async def abort(self, req: GidRequest) -> None:
+        gid = req.gid
         trans = await self.store.load(gid)
         if trans is None:
             raise NotFound(f"no transaction with gid '{gid}'")
@@ -161,12 +160,12 @@ class Service:
         if trans.trans_type in ("tcc", "xa") and trans.status in (
             Status.PREPARED, Status.ABORTING
         ):
-            reason = data.get("rollback_reason")
-            fields = {"rollback_reason": reason} if isinstance(reason, str) and reason else {}
+            reason = req.rollback_reason
+            fields = {"rollback_reason": reason} if reason else {}
             task = await self.engine.take_over(
                 gid, frozenset({Status.PREPARED, Status.ABORTING}), Status.ABORTING, fields
             )
-            if data.get("wait_result") is True:
+            if req.wait_result:
                 try:
                     await self._wait(gid, task)
                 except TransactionFailure:
@@ -177,34 +176,31 @@ class Service:
             "cannot abort"
         )
 
-    async def force_stop(self, body: bytes | Mapping[str, Any]) -> None:
-        gid, _ = parse_gid_only(body)
+    async def force_stop(self, req: GidRequest) -> None:
         await self.store.transition(
-            gid, Transition(expected=UNFINISHED, new_status=Status.FAILED,
+            req.gid, Transition(expected=UNFINISHED, new_status=Status.FAILED,
                             fields={"rollback_reason": "force stopped"})
         )
 
-    async def reset_next_cron_time(self, body: bytes | Mapping[str, Any]) -> None:
-        gid, _ = parse_gid_only(body)
-        await self.store.transition(gid, Transition(expected=UNFINISHED, next_due_ms=0))
+    async def reset_next_cron_time(self, req: GidRequest) -> None:
+        await self.store.transition(req.gid, Transition(expected=UNFINISHED, next_due_ms=0))
 
     # -- run-time branches ------------------------------------------------------------------
 
-    async def register_branch(self, body: bytes | Mapping[str, Any]) -> None:
-        data = parse_register(body)
-        gid, bid, kind = data["gid"], data["branch_id"], data["trans_type"]
-        payload = data.get("data", "")
+    async def register_branch(self, req: RegisterRequest) -> None:
+        gid, bid, kind = req.gid, req.branch_id, req.trans_type
+        payload = req.get("data", "")
         upsert = False
         if kind == "tcc":
-            branches = [Branch(bid, Op.CANCEL, data.get("cancel", ""), data=payload),
-                        Branch(bid, Op.CONFIRM, data.get("confirm", ""), data=payload)]
+            branches = [Branch(bid, Op.CANCEL, req.get("cancel", ""), data=payload),
+                        Branch(bid, Op.CONFIRM, req.get("confirm", ""), data=payload)]
         elif kind == "xa":
-            url = data.get("url", "")
+            url = req.get("url", "")
             branches = [Branch(bid, Op.ROLLBACK, url, data=payload),
                         Branch(bid, Op.COMMIT, url, data=payload)]
         else:
             try:
-                op, status = Op(data.get("op", "")), BranchStatus(data.get("status", ""))
+                op, status = Op(req.get("op", "")), BranchStatus(req.get("status", ""))
             except ValueError:
                 raise BadRequest("workflow branches need a valid op and status", "op") from None
             branches = [Branch(bid, op, "", status=status, data=payload)]
@@ -215,43 +211,36 @@ class Service:
             # dtm answers FAILURE here, and clients rely on it to stop the global work.
             raise TransactionFailure(f"no prepared transaction with gid '{gid}'") from None
 
-    async def prepare_workflow(self, body: bytes | Mapping[str, Any]) -> dict[str, Any]:
-        trans = parse_trans(body, Status.PREPARED).trans
+    async def prepare_workflow(self, req: TransRequest) -> WorkflowState:
+        trans = req.trans
         if trans.trans_type != "workflow":
             raise BadRequest("prepareWorkflow needs trans_type workflow", "trans_type")
         due = timeout_of(trans, self.engine.defaults) * 1000
         try:
             now = await self.store.create(trans, due_in_ms=due)
             stored = replace(trans, create_time=now, update_time=now)
-            return {"transaction": trans_json(stored), "progresses": []}
+            return WorkflowState(stored)
         except AlreadyExists:
             found = await self.store.load(trans.gid)
             if found is None:  # expired in between: the client simply retries
                 raise TransactionOngoing(f"transaction {trans.gid} is being replaced") from None
-            return {"transaction": trans_json(found),
-                    "progresses": [branch_json(found, b) for b in found.branches]}
+            return WorkflowState(found, found.branches)
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def query(self, gid: str) -> dict[str, Any]:
-        trans = await self.store.load(check_gid(gid))
-        if trans is None:
-            return {"transaction": None, "branches": []}
-        return {"transaction": trans_json(trans),
-                "branches": [branch_json(trans, b) for b in trans.branches]}
+    async def query(self, gid: str) -> Trans | None:
+        return await self.store.load(gid)
 
-    async def all(self, position: str, limit: int, where: ListFilter, gid: str) -> dict[str, Any]:
+    async def all(self, position: str, limit: int, where: ListFilter, gid: str) -> Page:
         if gid:
-            found = await self.store.load(check_gid(gid))
-            return {"transactions": [trans_json(found)] if found else [], "next_position": ""}
+            found = await self.store.load(gid)
+            return Page([found] if found else [], "")
         if where.status and where.status not in {s.value for s in Status}:
             raise BadRequest(f"unknown status {where.status!r}", "status")
         if position and (len(position) < 15 or position[13] != ":"
                          or not position[:13].isdigit()):
             raise BadRequest("position is not one this server returned", "position")
-        page = await self.store.list(position, limit, where)
-        return {"transactions": [trans_json(t) for t in page.transactions],
-                "next_position": page.next_position}
+        return await self.store.list(position, limit, where)
 
     async def reset_cron_time(self, timeout_s: int, limit: int) -> dict[str, Any]:
         """Bring forward every transaction that would wait longer than `timeout_s`."""

@@ -28,6 +28,7 @@ class SettingsError(ValueError):
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 36789
+    # dtm's gRPC API (dtmgimp.Dtm) on the same host, as dtm does; 0 turns it off.
     grpc_port: int = 36790
     max_body_bytes: int = 1 << 20
     # Longest a submit with wait_result waits for the outcome before answering ONGOING.
@@ -175,6 +176,7 @@ class Settings:
     def validate(self) -> None:
         checks = [
             (0 < self.server.port < 65536, "server.port must be 1..65535"),
+            (0 <= self.server.grpc_port < 65536, "server.grpc_port must be 0..65535"),
             (self.server.max_body_bytes >= 1024, "server.max_body_bytes must be >= 1024"),
             (1 <= self.server.workers <= 256, "server.workers must be 1..256"),
             (1 <= self.redis.partitions <= 4096, "redis.partitions must be 1..4096"),

@@ -158,6 +158,8 @@ async def coordinator(prefix: str) -> AsyncIterator[DtmClient]:
         "engine.retry_interval": 1,
         # Long enough to look at the transactions afterwards, short enough not to pile up.
         "engine.finished_ttl": 3600,
+        # The examples speak HTTP; no gRPC port to clash with another coordinator.
+        "server.grpc_port": 0,
     })
     async with Server(create_app(settings)) as server, DtmClient(
         server.url("api/dtmsvr")

@@ -152,6 +152,9 @@ class CoordinatorProcess:
         self.redis_url = redis_url
         self.prefix = prefix
         self.port = free_port()
+        # Every test coordinator serves gRPC on a port of its own: the default 36790
+        # would clash between coordinators running side by side.
+        self.grpc_port = free_port()
         self.env = {k: str(v) for k, v in env.items()}
         # More flags for `coordinator serve` (a later flag wins over an earlier one).
         self.extra_args: list[str] = []
@@ -180,7 +183,8 @@ class CoordinatorProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coordinator", "serve", "--port", str(self.port),
-             "--redis-url", self.redis_url, "--log-level", "WARNING", *self.extra_args],
+             "--grpc-port", str(self.grpc_port), "--redis-url", self.redis_url,
+             "--log-level", "WARNING", *self.extra_args],
             cwd=ROOT,
             env=env,
             stdout=log,

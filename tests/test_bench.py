@@ -8,6 +8,7 @@ reproducible. Each scenario starts its own private redis-server.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -50,6 +51,13 @@ async def test_saga_with_participants_runs() -> None:
     _check_common(result)
     # create, the first action's result (written before the second call), finish.
     assert 2.9 <= float(result["redis_calls_per_tx"]) < 4  # type: ignore[arg-type]
+
+
+async def test_saga_empty_over_grpc_runs() -> None:
+    result = await saga_empty(replace(SHORT, protocol="grpc"))
+    _check_common(result)
+    assert result["scenario"] == "saga-empty (grpc)"
+    assert 1.9 <= float(result["redis_calls_per_tx"]) < 3  # type: ignore[arg-type]
 
 
 async def test_flash_sale_books_balance() -> None:

@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import grpc
 from aiohttp import web
 
 from coordinator.api.envelope import error_middleware
+from coordinator.api.grpc_front import start_grpc
 from coordinator.api.jsonrpc import handle_json_rpc
 from coordinator.api.routes import ENGINE, SERVICE, SETTINGS, STORE, add_routes
 from coordinator.embedded_redis import EmbeddedRedis
@@ -80,6 +82,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     grpc_caller = GrpcBranchCaller(
         settings.engine.request_timeout, resolvers, settings.advertised_endpoint()
     )
+    grpc_server: grpc.aio.Server | None = None
     try:
         await store.start()
         # One keep-alive pool for every branch call; the per-host limit keeps one slow
@@ -93,6 +96,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[ENGINE] = engine
         app[SERVICE] = Service(engine, settings)
         engine.start()
+        if settings.server.grpc_port:
+            # Same process, same event loop, same Service as the HTTP front.
+            grpc_server = await start_grpc(app[SERVICE], settings)
+            log.info("gRPC API dtmgimp.Dtm on %s:%d",
+                     settings.server.host, settings.server.grpc_port)
         log.info("coordinator %s ready, store %s", engine.instance, _safe_url(url))
         if registry.target:
             # In the background: etcd being down must not keep the coordinator from serving.
@@ -104,6 +112,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if publisher is not None:
             # First, so clients stop picking this coordinator while it drains.
             await publisher.stop()
+        if grpc_server is not None:
+            # In-flight calls (wait_result) answer at once: the engine's begin_stop ran.
+            await grpc_server.stop(settings.engine.shutdown_grace)
         if engine is not None:
             await engine.stop()
         if session is not None:

@@ -16,7 +16,12 @@ from coordinator.errors import Unauthorized
 
 def bearer_of(request: web.Request) -> str:
     """The token of an `Authorization: Bearer …` header, or ''."""
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return bearer_value(request.headers.get("Authorization", ""))
+
+
+def bearer_value(authorization: str) -> str:
+    """The token of an `Authorization` value `Bearer …` (HTTP header or gRPC metadata)."""
+    scheme, _, value = authorization.partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
 
 

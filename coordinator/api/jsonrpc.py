@@ -10,6 +10,7 @@ from aiohttp import web
 
 from coordinator.api.envelope import json_response
 from coordinator.api.routes import SERVICE
+from coordinator.api.wire import parse_gid_request, parse_register, parse_trans
 from coordinator.errors import (
     BadRequest,
     CoordinatorError,
@@ -17,6 +18,7 @@ from coordinator.errors import (
     TransactionFailure,
     TransactionOngoing,
 )
+from coordinator.model import Status
 from coordinator.service import Service, new_gid
 
 PARSE_ERROR = -32700
@@ -35,22 +37,22 @@ async def _new_gid(service: Service, params: dict[str, Any]) -> Any:
 
 
 async def _prepare(service: Service, params: dict[str, Any]) -> Any:
-    await service.prepare(params)
+    await service.prepare(parse_trans(params, Status.PREPARED))
     return {"dtm_result": "SUCCESS"}
 
 
 async def _submit(service: Service, params: dict[str, Any]) -> Any:
-    await service.submit(params)
+    await service.submit(parse_trans(params, Status.SUBMITTED))
     return {"dtm_result": "SUCCESS"}
 
 
 async def _abort(service: Service, params: dict[str, Any]) -> Any:
-    await service.abort(params)
+    await service.abort(parse_gid_request(params))
     return {"dtm_result": "SUCCESS"}
 
 
 async def _register(service: Service, params: dict[str, Any]) -> Any:
-    await service.register_branch(params)
+    await service.register_branch(parse_register(params))
     return {"dtm_result": "SUCCESS"}
 
 

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from coordinator.model import Branch, Trans
+from coordinator.requests import WorkflowState
+from coordinator.store.base import Page
 from coordinator.store.codec import options_to_json
 
 
@@ -64,11 +66,28 @@ def branch_json(t: Trans, b: Branch) -> dict[str, Any]:
     }
     _put(out, "gid", t.gid)
     _put(out, "url", b.url)
-    body = t.payload_of(b)
+    body = t.payload_bytes(b)
     # dtm stores the body as bytes, which Go's JSON encoder writes as base64.
-    _put(out, "bin_data", base64.b64encode(body.encode()).decode() if body else "")
+    _put(out, "bin_data", base64.b64encode(body).decode() if body else "")
     _put(out, "branch_id", b.branch_id)
     _put(out, "op", b.op.value)
     _put(out, "status", b.status.value)
     _put(out, "finish_time", rfc3339(b.finish_time))
     return out
+
+
+def query_json(t: Trans | None) -> dict[str, Any]:
+    if t is None:
+        return {"transaction": None, "branches": []}
+    return {"transaction": trans_json(t), "branches": [branch_json(t, b) for b in t.branches]}
+
+
+def page_json(page: Page) -> dict[str, Any]:
+    return {"transactions": [trans_json(t) for t in page.transactions],
+            "next_position": page.next_position}
+
+
+def workflow_json(state: WorkflowState) -> dict[str, Any]:
+    t = state.trans
+    return {"transaction": trans_json(t),
+            "progresses": [branch_json(t, b) for b in state.progresses]}

@@ -5,8 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from coordinator.api.envelope import json_response, success
+from coordinator.api.render import page_json, query_json, workflow_json
+from coordinator.api.wire import check_gid, parse_gid_request, parse_register, parse_trans
 from coordinator.engine.engine import Engine
 from coordinator.errors import BadRequest
+from coordinator.model import Status
 from coordinator.service import Service, new_gid
 from coordinator.settings import Settings
 from coordinator.store.base import ListFilter, Store
@@ -45,41 +48,43 @@ async def handle_ping(request: web.Request) -> web.Response:
 
 
 async def handle_prepare(request: web.Request) -> web.Response:
-    await request.app[SERVICE].prepare(await request.read())
+    await request.app[SERVICE].prepare(parse_trans(await request.read(), Status.PREPARED))
     return success()
 
 
 async def handle_submit(request: web.Request) -> web.Response:
-    await request.app[SERVICE].submit(await request.read())
+    await request.app[SERVICE].submit(parse_trans(await request.read(), Status.SUBMITTED))
     return success()
 
 
 async def handle_abort(request: web.Request) -> web.Response:
-    await request.app[SERVICE].abort(await request.read())
+    await request.app[SERVICE].abort(parse_gid_request(await request.read()))
     return success()
 
 
 async def handle_force_stop(request: web.Request) -> web.Response:
-    await request.app[SERVICE].force_stop(await request.read())
+    await request.app[SERVICE].force_stop(parse_gid_request(await request.read()))
     return success()
 
 
 async def handle_reset_next_cron_time(request: web.Request) -> web.Response:
-    await request.app[SERVICE].reset_next_cron_time(await request.read())
+    await request.app[SERVICE].reset_next_cron_time(parse_gid_request(await request.read()))
     return success()
 
 
 async def handle_register_branch(request: web.Request) -> web.Response:
-    await request.app[SERVICE].register_branch(await request.read())
+    await request.app[SERVICE].register_branch(parse_register(await request.read()))
     return success()
 
 
 async def handle_prepare_workflow(request: web.Request) -> web.Response:
-    return json_response(await request.app[SERVICE].prepare_workflow(await request.read()))
+    req = parse_trans(await request.read(), Status.PREPARED)
+    return json_response(workflow_json(await request.app[SERVICE].prepare_workflow(req)))
 
 
 async def handle_query(request: web.Request) -> web.Response:
-    return json_response(await request.app[SERVICE].query(request.query.get("gid", "")))
+    gid = check_gid(request.query.get("gid", ""))
+    return json_response(query_json(await request.app[SERVICE].query(gid)))
 
 
 async def handle_all(request: web.Request) -> web.Response:
@@ -90,11 +95,11 @@ async def handle_all(request: web.Request) -> web.Response:
         create_to_ms=_query_int(request, "createTimeEnd", 0, 0, 1 << 45),
     )
     limit = _query_int(request, "limit", 100, 1, 1000)
-    return json_response(
-        await request.app[SERVICE].all(
-            request.query.get("position", ""), limit, where, request.query.get("gid", "")
-        )
+    gid = request.query.get("gid", "")
+    page = await request.app[SERVICE].all(
+        request.query.get("position", ""), limit, where, gid and check_gid(gid)
     )
+    return json_response(page_json(page))
 
 
 async def handle_reset_cron_time(request: web.Request) -> web.Response:

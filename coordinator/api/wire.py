@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -17,6 +16,7 @@ from coordinator.errors import BadRequest
 from coordinator.machines import msg, saga
 from coordinator.model import TRANS_TYPES, Branch, Options, Status, Trans
 from coordinator.registry.target import validate_grpc_target
+from coordinator.requests import GidRequest, RegisterRequest, TransRequest
 
 GID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 MAX_STEPS = 1000
@@ -24,12 +24,6 @@ MAX_STEPS = 1000
 # Larger values overflowed the Lua scripts' integer formatting and made the stored times
 # unrenderable, so `query` of such a transaction answered 500.
 MAX_OPTION = 100 * 365 * 86_400
-
-
-@dataclass(frozen=True)
-class TransRequest:
-    trans: Trans
-    req_extra: dict[str, str]
 
 
 def load_object(body: bytes) -> dict[str, Any]:
@@ -146,6 +140,15 @@ def parse_gid_only(body: bytes | Mapping[str, Any]) -> tuple[str, dict[str, Any]
     return check_gid(data.get("gid")), data
 
 
+def parse_gid_request(body: bytes | Mapping[str, Any]) -> GidRequest:
+    """abort, forceStop, resetNextCronTime; abort also reads rollback_reason and
+    wait_result (values of another type are ignored, as they always were)."""
+    gid, data = parse_gid_only(body)
+    reason = data.get("rollback_reason")
+    return GidRequest(gid, reason if isinstance(reason, str) else "",
+                      data.get("wait_result") is True)
+
+
 def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest:
     """Validate a prepare/submit body and build the transaction it describes.
 
@@ -237,7 +240,7 @@ def _check_metadata(headers: Mapping[str, str]) -> None:
 BRANCH_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
-def parse_register(body: bytes | Mapping[str, Any]) -> dict[str, str]:
+def parse_register(body: bytes | Mapping[str, Any]) -> RegisterRequest:
     """registerBranch takes a flat object of strings (gid, branch_id, trans_type, ...)."""
     data = load_object(body) if isinstance(body, bytes) else dict(body)
     out: dict[str, str] = {}
@@ -258,4 +261,4 @@ def parse_register(body: bytes | Mapping[str, Any]) -> dict[str, str]:
         problem = validate_grpc_target(out.get(name, ""))
         if problem:
             raise BadRequest(problem, name)
-    return out
+    return RegisterRequest(out["gid"], out["branch_id"], out["trans_type"], out)

@@ -1,6 +1,8 @@
 """The asyncio SDK: build global transactions, answer branch calls, and the barrier.
 
-It speaks dtm's HTTP protocol, so it works against this coordinator and against dtm.
+It speaks dtm's HTTP protocol, so it works against this coordinator and against dtm;
+`DtmGrpcClient` speaks dtm's gRPC API instead, and `grpc_branch_handler` answers gRPC
+branch calls.
 Database drivers are optional: the PostgreSQL and MySQL barrier backends import asyncpg
 and aiomysql only when they are used.
 """
@@ -19,6 +21,8 @@ from coordinator.client.errors import (
     TransactionOngoing,
 )
 from coordinator.client.gid import local_gid, new_gid
+from coordinator.client.grpc_branch import branch_info, grpc_branch_handler
+from coordinator.client.grpc_client import DtmGrpcClient
 from coordinator.client.http import BranchReply, DtmClient
 from coordinator.client.msg import Msg
 from coordinator.client.options import TransOptions
@@ -49,6 +53,7 @@ __all__ = [
     "CoordinatorUnavailable",
     "DtmClient",
     "DtmError",
+    "DtmGrpcClient",
     "DuplicatedRequest",
     "Msg",
     "MysqlBarrier",
@@ -67,6 +72,8 @@ __all__ = [
     "WorkflowRegistry",
     "Xa",
     "branch_handler",
+    "branch_info",
+    "grpc_branch_handler",
     "local_gid",
     "new_gid",
     "query_prepared_handler",

@@ -41,11 +41,13 @@ class BranchCaller:
         if not branch.url.startswith(("http://", "https://")):
             if trans.protocol == "grpc" and self.grpc is not None:
                 # Payloads are text today; the bytes go out exactly as they were stored.
-                return await self.grpc.call(trans, branch, trans.payload_of(branch).encode())
+                return await self.grpc.call(trans, branch, trans.payload_bytes(branch))
             return Outcome(OutcomeKind.ERROR, f"unsupported branch URL {branch.url!r}")
         body = trans.payload_of(branch)
         if trans.protocol == "json-rpc" and "method=" in branch.url:
             return await self._call_json_rpc(trans, branch, body)
+        # The exact bytes: a gRPC-submitted transaction keeps its raw payload bytes.
+        raw_body = trans.payload_bytes(branch)
         method = "POST" if body or trans.trans_type == "xa" else "GET"
         headers = {"Content-Type": "application/json"}
         headers.update(trans.ext_headers)
@@ -61,7 +63,7 @@ class BranchCaller:
             try:
                 status, raw = await self.pool.request(
                     method, branch.url, urllib.parse.urlencode(params), headers,
-                    body.encode(), seconds,
+                    raw_body, seconds,
                 )
             except (Http1Error, TimeoutError, ValueError, OSError) as exc:
                 kind = "TimeoutError" if isinstance(exc, TimeoutError) else type(exc).__name__
@@ -73,7 +75,7 @@ class BranchCaller:
                 method,
                 branch.url,
                 params=params,
-                data=body.encode() if body else None,
+                data=raw_body if body else None,
                 headers=headers,
                 timeout=timeout,
             ) as resp:
