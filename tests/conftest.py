@@ -63,6 +63,15 @@ async def coordinator(redis_url: str, prefix: str) -> AsyncIterator[CoordinatorP
 
 
 @pytest.fixture
+async def etcd() -> AsyncIterator[Any]:
+    """A private etcd (tests.etcd_support.EtcdServer) on free loopback ports, stopped after."""
+    from tests.etcd_support import etcd_server  # it imports require_service from here
+
+    async with etcd_server() as server:
+        yield server
+
+
+@pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aetcd
-import pytest
 
 from coordinator.registry.etcd import ETCD_ERRORS, EtcdClient, EtcdTls
 from coordinator.registry.target import parse_etcd_target
@@ -179,9 +178,3 @@ async def etcd_server(tls: bool = False) -> AsyncIterator[EtcdServer]:
             yield server
         finally:
             server.stop()
-
-
-@pytest.fixture
-async def etcd() -> AsyncIterator[EtcdServer]:
-    async with etcd_server() as server:
-        yield server

@@ -21,7 +21,7 @@ from coordinator.engine.grpc_caller import GrpcBranchCaller
 from coordinator.machines.base import OutcomeKind
 from coordinator.model import Branch, Op, Status, Trans
 from coordinator.registry.resolver import Resolvers
-from tests.etcd_support import EtcdServer, etcd  # noqa: F401  (fixture)
+from tests.etcd_support import EtcdServer
 from tests.grpc_participant import (
     ERROR,
     FAILURE,
@@ -45,7 +45,7 @@ async def busi() -> AsyncIterator[GrpcParticipant]:
 
 @pytest.fixture
 async def coord(redis_url: str, prefix: str) -> AsyncIterator[CoordinatorProcess]:
-    proc = CoordinatorProcess(redis_url, prefix, COORDINATOR_SERVER_GRPC_PORT=free_port())
+    proc = CoordinatorProcess(redis_url, prefix)
     await proc.start()
     yield proc
     await proc.aclose()
@@ -78,7 +78,7 @@ async def test_saga_branches_get_raw_bytes_and_dtm_metadata(
     assert one.body == (PAYLOAD + "1").encode()
     assert two.body == (PAYLOAD + "2").encode()
     assert one.started < two.started
-    grpc_port = coord.env["COORDINATOR_SERVER_GRPC_PORT"]
+    grpc_port = coord.grpc_port
     assert one.metadata["dtm-gid"] == "g-ok"
     assert one.metadata["dtm-trans_type"] == "saga"
     assert one.metadata["dtm-branch_id"] == "01"
@@ -196,7 +196,7 @@ async def test_xa_phase2_carries_its_url(api: Api, busi: GrpcParticipant) -> Non
 
 
 async def test_etcd_targets_are_resolved_through_etcd(
-    api: Api, etcd: EtcdServer  # noqa: F811
+    api: Api, etcd: EtcdServer
 ) -> None:
     first, second = await GrpcParticipant().start(), await GrpcParticipant().start()
     publishers = [await register_service(etcd.target("trans.rpc"), p.address)
@@ -306,7 +306,7 @@ async def test_sigkill_with_grpc_branches_in_flight(redis_url: str, prefix: str)
 
 
 async def test_caller_follows_the_registry_and_closes_channels_of_endpoints_gone(
-    etcd: EtcdServer,  # noqa: F811
+    etcd: EtcdServer,
 ) -> None:
     """In-process: the caller's view of an etcd key, without a coordinator around it."""
     resolvers = Resolvers()

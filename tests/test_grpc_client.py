@@ -32,11 +32,13 @@ from coordinator.client import (
     branch_handler,
     grpc_branch_handler,
     new_gid,
+    register_service,
     register_xa_branch,
     tcc_global,
     xa_global,
 )
 from coordinator.client.grpc_client import split_grpc_url
+from tests.etcd_support import EtcdServer
 from tests.support import FAIL, AppServer, CoordinatorProcess, Participant, free_port
 from tests.test_client import final_status, gid_for, of
 from tests.test_workflow_client import Ledger, three_steps
@@ -270,14 +272,23 @@ def test_branch_urls() -> None:
             split_grpc_url(bad)
 
 
-async def test_registry_targets_need_a_resolver(
-    shared_coordinator: Any, monkeypatch: pytest.MonkeyPatch
+async def test_client_finds_the_coordinator_through_etcd(
+    shared_coordinator: Any, etcd: EtcdServer
 ) -> None:
-    monkeypatch.setattr("coordinator.client.grpc_client._default_resolver", lambda: None)
-    async with DtmGrpcClient("etcd://127.0.0.1:1/dtmservice") as client:
-        with pytest.raises(CoordinatorUnavailable, match="no resolver"):
+    """go-zero's way: the coordinator's address is read from etcd, not configured."""
+    target = etcd.target("dtmservice")
+    async with DtmGrpcClient(target) as client:
+        with pytest.raises(CoordinatorUnavailable, match="no endpoint"):
             await new_gid(client)
+    publisher = await register_service(target, f"127.0.0.1:{shared_coordinator.grpc_port}")
+    try:
+        async with DtmGrpcClient(target) as client:
+            assert await new_gid(client)
+    finally:
+        await publisher.stop()
 
+
+async def test_a_resolver_can_be_passed(shared_coordinator: Any) -> None:
     async def resolver(target: str) -> list[str]:
         assert target == "etcd://127.0.0.1:1/dtmservice"
         return [f"127.0.0.1:{shared_coordinator.grpc_port}"]

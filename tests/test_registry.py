@@ -21,7 +21,7 @@ from coordinator.registry.target import (
     validate_grpc_target,
 )
 from coordinator.settings import Settings, SettingsError
-from tests.etcd_support import EtcdServer, etcd, etcd_server  # noqa: F401  (fixture)
+from tests.etcd_support import EtcdServer, etcd_server
 from tests.support import CoordinatorProcess, free_port, wait_for
 
 
@@ -107,18 +107,17 @@ async def _lease_ttl(server: EtcdServer, lease: int) -> tuple[int, int]:
 
 
 @pytest.fixture
-async def registered(etcd: EtcdServer, redis_url: str, prefix: str  # noqa: F811
+async def registered(etcd: EtcdServer, redis_url: str, prefix: str
                      ) -> AsyncIterator[tuple[CoordinatorProcess, str]]:
-    grpc_port = free_port()
-    proc = CoordinatorProcess(redis_url, prefix, COORDINATOR_SERVER_GRPC_PORT=grpc_port)
+    proc = CoordinatorProcess(redis_url, prefix)
     proc.extra_args = ["--register", etcd.target("dtmservice"), "--log-level", "INFO"]
     await proc.start()
-    yield proc, f"127.0.0.1:{grpc_port}"
+    yield proc, f"127.0.0.1:{proc.grpc_port}"
     await proc.aclose()
 
 
 async def test_coordinator_registers_keeps_alive_and_revokes_on_sigterm(
-    etcd: EtcdServer, registered: tuple[CoordinatorProcess, str]  # noqa: F811
+    etcd: EtcdServer, registered: tuple[CoordinatorProcess, str]
 ) -> None:
     proc, endpoint = registered
     keys = await _wait_keys(etcd, "dtmservice/", 10)
@@ -142,7 +141,7 @@ async def test_coordinator_registers_keeps_alive_and_revokes_on_sigterm(
 
 
 async def test_registers_again_after_etcd_restarts_without_its_data(
-    etcd: EtcdServer, registered: tuple[CoordinatorProcess, str]  # noqa: F811
+    etcd: EtcdServer, registered: tuple[CoordinatorProcess, str]
 ) -> None:
     _, endpoint = registered
     ((first_key, _),) = (await _wait_keys(etcd, "dtmservice/", 10)).items()
@@ -174,7 +173,7 @@ async def test_coordinator_serves_while_etcd_is_down_and_registers_when_it_comes
             await proc.aclose()
 
 
-async def test_resolver_fails_over_when_a_service_stops(etcd: EtcdServer) -> None:  # noqa: F811
+async def test_resolver_fails_over_when_a_service_stops(etcd: EtcdServer) -> None:
     one = await register_service(etcd.target("trans.rpc"), "127.0.0.1:1001")
     two = await register_service(etcd.target("trans.rpc"), "127.0.0.1:1002")
     resolver = Resolver(f"discov://{etcd.endpoint}/trans.rpc")
@@ -233,7 +232,7 @@ async def test_etcd_with_tls_client_certificates(redis_url: str, prefix: str) ->
         assert await _keys(server, "dtmservice/") == {}
 
 
-async def test_fails_over_to_the_next_etcd_member(etcd: EtcdServer) -> None:  # noqa: F811
+async def test_fails_over_to_the_next_etcd_member(etcd: EtcdServer) -> None:
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     target = f"etcd://{dead},{etcd.endpoint}/trans.rpc"
     publisher = Publisher(target, "127.0.0.1:1001", retry_interval=0.2)
@@ -246,7 +245,7 @@ async def test_fails_over_to_the_next_etcd_member(etcd: EtcdServer) -> None:  # 
         await publisher.stop()
 
 
-async def test_user_and_password_from_the_target(etcd: EtcdServer) -> None:  # noqa: F811
+async def test_user_and_password_from_the_target(etcd: EtcdServer) -> None:
     from aetcd import rpc
 
     admin = etcd.client()
