@@ -20,8 +20,10 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 
 from coordinator.keys import KeySpace
+from coordinator.settings import RedisSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -316,8 +318,14 @@ async def submit_all(
 class StoreProbe:
     """Reads transaction hashes straight from Redis, as redis-cli would: no coordinator."""
 
-    def __init__(self, redis_url: str, prefix: str, partitions: int = 16) -> None:
-        self.client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    def __init__(
+        self, redis_url: str, prefix: str, partitions: int = RedisSettings().partitions,
+        *, cluster: bool = False,
+    ) -> None:
+        self.client: Any = (
+            RedisCluster.from_url(redis_url, decode_responses=True) if cluster
+            else aioredis.Redis.from_url(redis_url, decode_responses=True)
+        )
         self.keys = KeySpace(prefix, partitions)
 
     async def fields(self, gids: list[str], *names: str) -> dict[str, list[str | None]]:

@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from coordinator.keys import partition_of
+from coordinator.settings import RedisSettings
 from tests.support import (
     ERROR,
     FAIL,
@@ -831,8 +832,11 @@ async def test_reset_cron_time_exact_limit_has_nothing_remaining(
     own_api: Api, participant: Participant
 ) -> None:
     api = own_api
-    # Not in the last of the 16 partitions: partitions after it must be looked at too.
-    gid = next(g for g in iter(lambda: new_gid("reset-one"), "") if partition_of(g, 16) < 15)
+    # Not in the last partition: partitions after it must be looked at too.
+    last = RedisSettings().partitions - 1
+    gid = next(
+        g for g in iter(lambda: new_gid("reset-one"), "") if partition_of(g, last + 1) < last
+    )
     participant.plan_for(gid, "a1", ERROR, OK)
     await ok(api, "submit", msg_body(gid, participant, 1, retry_interval=60))
     await wait_for(lambda: calls_of(participant, gid), 5, what="first call")
