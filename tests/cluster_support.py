@@ -18,9 +18,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import pytest
 import redis
 
 NODE_TIMEOUT_MS = 1000
+
+# Runs a test on one Redis and on the test cluster (the `backend_url` fixture of
+# conftest.py); kept to core cases, so that CI time stays small.
+CLUSTER_TOO = pytest.mark.parametrize("backend_url", ["redis", "cluster"], indirect=True)
 
 
 def _free(port: int) -> bool:

@@ -77,8 +77,18 @@ async def participant() -> AsyncIterator[Participant]:
 
 
 @pytest.fixture
-async def coordinator(redis_url: str, prefix: str) -> AsyncIterator[CoordinatorProcess]:
-    proc = await CoordinatorProcess(redis_url, prefix).start()
+def backend_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """The Redis a test's coordinator uses: the shared one, or (param "cluster") the
+    session's test cluster, given as one seed node as a user would."""
+    if getattr(request, "param", "redis") == "cluster":
+        cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    return redis_url
+
+
+@pytest.fixture
+async def coordinator(backend_url: str, prefix: str) -> AsyncIterator[CoordinatorProcess]:
+    proc = await CoordinatorProcess(backend_url, prefix).start()
     yield proc
     proc.stop()
 
