@@ -17,8 +17,11 @@ in parallel; MOVED and ASK replies are followed there. What redis-py leaves to u
   map refreshed, and only then reported as `StoreUnavailable` (HTTP 503).
 - ``wait_replicas``: after the writes of a batch, one ``WAIT n`` per node on the same
   connection as those writes, so a write is acknowledged only once that many replicas
-  have it. A write that did not reach them is reported as `StoreUnavailable`: it may be
-  lost in a failover, so the caller must not take it as done.
+  have it. A write the caller acknowledges to a client (``strict``) that did not reach
+  them is reported as `StoreUnavailable`: it may be lost in a failover, so the client
+  must not take it as done. The engine's own writes (``strict=False``) go on after the
+  WAIT either way: refusing them would leave the transactions of a primary that lost
+  its replica stuck, while losing one only means the step is driven again.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coordinator.errors import StoreUnavailable
 
-# (script, keys, args, writes, future)
-Call = tuple[AsyncScript, Sequence[Any], Sequence[Any], bool, "asyncio.Future[Any]"]
+# (script, keys, args, writes, future); writes: 0 reads, 1 engine write, 2 acknowledged
+Call = tuple[AsyncScript, Sequence[Any], Sequence[Any], int, "asyncio.Future[Any]"]
+READ, WRITE, ACKED = 0, 1, 2
 
 # What a failover or a resharding answers for a while; the same call succeeds later.
 _TRANSIENT = (
@@ -84,12 +88,14 @@ class ScriptBatcher:
         self.batches = 0
         self.calls = 0
         self.retries = 0
+        self.unreplicated = 0  # engine writes WAIT did not confirm in time
 
     async def call(
         self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any], *,
-        writes: bool = True,
+        writes: int = ACKED,
     ) -> Any:
-        """Run one script; `writes` marks a change that `wait_replicas` must cover."""
+        """Run one script; `writes` says what `wait_replicas` means for it (READ: no
+        WAIT; WRITE: WAIT, then go on; ACKED: WAIT, and 503 if it falls short)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((script, keys, args, writes, future))
@@ -160,7 +166,7 @@ class ScriptBatcher:
                 elif isinstance(reply, Exception):
                     future.set_exception(reply)
                 elif writes and self.wait_replicas:
-                    self._settle(future, reply, replies[waits[nodes[i]]])
+                    self._settle(future, reply, replies[waits[nodes[i]]], writes)
                 else:
                     future.set_result(reply)
         except BaseException as exc:  # connection trouble: every caller gets the error
@@ -179,9 +185,13 @@ class ScriptBatcher:
             if self._queue and not self._scheduled:
                 self._flush()
 
-    def _settle(self, future: asyncio.Future[Any], reply: Any, acked: Any) -> None:
+    def _settle(self, future: asyncio.Future[Any], reply: Any, acked: Any, writes: int) -> None:
         """Answer a write once WAIT says enough replicas have it."""
         if isinstance(acked, int) and acked >= self.wait_replicas:
+            future.set_result(reply)
+            return
+        if writes != ACKED:
+            self.unreplicated += 1
             future.set_result(reply)
             return
         future.set_exception(StoreUnavailable(
@@ -190,7 +200,7 @@ class ScriptBatcher:
         ))
 
     async def _retry_alone(
-        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any], writes: bool,
+        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any], writes: int,
         future: asyncio.Future[Any],
     ) -> None:
         deadline = time.monotonic() + self.retry_for
@@ -212,7 +222,7 @@ class ScriptBatcher:
                 if isinstance(reply, Exception):
                     raise reply
                 if wait:
-                    self._settle(future, reply, replies[1])
+                    self._settle(future, reply, replies[1], writes)
                 else:
                     future.set_result(reply)
                 return

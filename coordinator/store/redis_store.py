@@ -24,7 +24,7 @@ from coordinator.store.base import (
     Transition,
     TransitionResult,
 )
-from coordinator.store.batch import ScriptBatcher
+from coordinator.store.batch import ACKED, READ, WRITE, ScriptBatcher
 from coordinator.store.codec import branches_json, pairs_to_dict, trans_fields, trans_from_hash
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
 
@@ -139,7 +139,9 @@ class RedisStore(Store):
 
     async def transition(self, gid: str, change: Transition) -> TransitionResult:
         keys, args = self.transition_call(gid, change)
-        reply = await self._batch.call(self.scripts["transition"], keys, args)
+        # A change by a lease holder is the engine's own; one without is a client's.
+        writes = WRITE if change.owner else ACKED
+        reply = await self._batch.call(self.scripts["transition"], keys, args, writes=writes)
         wanted = f"move to '{change.new_status.value}'" if change.new_status else "update"
         raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", wanted)
         return TransitionResult(Status(reply[1]), int(reply[2]), reply[3] == "1")
@@ -147,7 +149,7 @@ class RedisStore(Store):
     async def load(self, gid: str) -> Trans | None:
         keys = self.keys.for_gid(gid)
         fields, branches = await self._batch.call(
-            self.scripts["load"], [keys.trans, keys.branches], [], writes=False
+            self.scripts["load"], [keys.trans, keys.branches], [], writes=READ
         )
         if not fields:
             return None
@@ -155,7 +157,7 @@ class RedisStore(Store):
 
     async def _due(self, zset: str, limit: int) -> builtins.list[str]:
         """Members of a partition's sorted set that are due by the server's clock."""
-        return list(await self._batch.call(self.scripts["due"], [zset], [limit], writes=False))
+        return list(await self._batch.call(self.scripts["due"], [zset], [limit], writes=READ))
 
     async def due_partitions(self) -> builtins.list[int]:
         """Partitions with due work, all asked in one round (one pipeline per node)."""
@@ -175,7 +177,7 @@ class RedisStore(Store):
         for gid in gids:
             keys += [tp + gid, bp + gid]
         reply = await self._batch.call(
-            self.scripts["claim"], keys, [token_prefix, self.lease_ms, *gids], writes=False
+            self.scripts["claim"], keys, [token_prefix, self.lease_ms, *gids], writes=READ
         )
         now = int(reply[0])
         return [
@@ -189,7 +191,7 @@ class RedisStore(Store):
             return 0
         prefix = self.keys.trans_prefix(partition)
         keys = self.keys.partition_keys(partition) + [prefix + m[14:] for m in members]
-        return int(await self._batch.call(self.scripts["sweep"], keys, members, writes=False))
+        return int(await self._batch.call(self.scripts["sweep"], keys, members, writes=READ))
 
     async def list(self, position: str, limit: int, where: ListFilter) -> Page:
         """Merge the partitions' listing indexes, newest first.
@@ -255,7 +257,7 @@ class RedisStore(Store):
     async def reset_due(self, partition: int, wait_ms: int, limit: int) -> tuple[int, bool]:
         count, remaining = await self._batch.call(
             self.scripts["reset_due"], [self.keys.due(partition)], [max(0, wait_ms), limit],
-            writes=False,
+            writes=READ,
         )
         return int(count), remaining == "1"
 

@@ -1,0 +1,273 @@
+"""Redis Cluster: the promises of the README's cluster section, on a real cluster.
+
+The cheap checks share the session's cluster (tests/cluster_support.py); the ones that
+kill a node or move a slot start a cluster of their own and throw it away. Every load
+loop is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+
+from coordinator.errors import StoreUnavailable
+from coordinator.keys import KeySpace
+from coordinator.model import Status
+from coordinator.settings import RedisSettings
+from coordinator.store.base import Transition
+from coordinator.store.cluster import describe, parse_seeds
+from coordinator.store.redis_store import RedisStore
+from tests.cluster_support import RedisClusterProcess
+from tests.conftest import start_cluster
+from tests.store_contract import make_trans
+from tests.support import CoordinatorProcess, Participant, StoreProbe, submit_all
+
+DEFAULT_PARTITIONS = RedisSettings().partitions
+
+
+def new_prefix() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+async def keys_per_primary(cluster: RedisClusterProcess, pattern: str) -> dict[int, int]:
+    """How many keys matching `pattern` each live primary holds (SCAN on each)."""
+    out = {}
+    for port in cluster.primary_ports():
+        with cluster.client(port) as c:
+            out[port] = sum(1 for _ in c.scan_iter(match=pattern, count=1000))
+    return out
+
+
+@pytest.fixture
+async def cluster_store(redis_cluster: RedisClusterProcess) -> AsyncIterator[RedisStore]:
+    store = RedisStore.from_cluster(
+        parse_seeds(redis_cluster.url), KeySpace(new_prefix(), DEFAULT_PARTITIONS)
+    )
+    await store.start()
+    yield store
+    await store.close()
+
+
+# -- layout ---------------------------------------------------------------------------
+
+
+async def test_default_partitions_spread_over_every_primary(
+    redis_cluster: RedisClusterProcess, cluster_store: RedisStore
+) -> None:
+    # The start-up log line says how partitions land on the primaries.
+    line = await describe(cluster_store.client, cluster_store.keys)  # type: ignore[arg-type]
+    assert line.startswith("Redis Cluster, 3 primaries")
+    counts = sorted(int(part.split(" slots, ")[1].split()[0]) for part in line.split("; "))
+    assert counts == [20, 20, 23], line
+    # A due transaction in every partition: every primary holds due-index keys, as many
+    # as it owns partitions.
+    keys = cluster_store.keys
+    await asyncio.gather(*(
+        cluster_store.create(make_trans(f"{{{p}}}spread"), due_in_ms=600_000)
+        for p in range(DEFAULT_PARTITIONS)
+    ))
+    due = await keys_per_primary(redis_cluster, f"{keys.prefix}:due:*")
+    assert sorted(due.values()) == [20, 20, 23], due
+
+
+async def test_two_thousand_sagas_leave_transactions_on_every_primary(
+    redis_cluster: RedisClusterProcess, session: aiohttp.ClientSession
+) -> None:
+    proc = await CoordinatorProcess(redis_cluster.url, new_prefix()).start()
+    try:
+        gids = [f"spread-{i}-{uuid.uuid4().hex[:6]}" for i in range(2000)]
+        bodies = [
+            {"gid": g, "trans_type": "saga", "steps": [{"action": "", "compensate": ""}],
+             "payloads": [""]}
+            for g in gids
+        ]
+        started = time.monotonic()
+        await asyncio.wait_for(submit_all(session, proc.api, bodies, parallel=32), 120)
+        elapsed = time.monotonic() - started
+        probe = StoreProbe(redis_cluster.url, proc.prefix, cluster=True)
+        try:
+            final = await probe.wait_final(gids, 60)
+        finally:
+            await probe.close()
+        assert Counter(final.values()) == {"succeed": 2000}
+        held = await keys_per_primary(redis_cluster, f"{proc.prefix}:trans:*")
+        print(f"\n2,000 sagas in {elapsed:.1f} s; transactions per primary: {held}")
+        assert sum(held.values()) == 2000
+        # 20/20/23 partitions: each primary holds close to its share.
+        assert all(n > 2000 * 15 / 63 for n in held.values()), held
+        async with session.get(f"{proc.base}/api/health") as r:
+            health = await r.json()
+        assert r.status == 200, health
+        assert health["mode"] == "cluster", health
+        assert len(health["nodes"]) == 6, health
+        assert all(n["ok"] for n in health["nodes"]), health
+        assert Counter(n["role"] for n in health["nodes"]) == {"primary": 3, "replica": 3}
+    finally:
+        proc.stop()
+
+
+# -- durability -----------------------------------------------------------------------
+
+
+async def test_wait_replicas_acknowledges_only_what_replicas_have(
+    redis_cluster: RedisClusterProcess,
+) -> None:
+    keys = KeySpace(new_prefix(), DEFAULT_PARTITIONS)
+    one = RedisStore.from_cluster(parse_seeds(redis_cluster.url), keys, wait_replicas=1)
+    # Each primary has one replica: asking for two can never be confirmed.
+    two = RedisStore.from_cluster(
+        parse_seeds(redis_cluster.url), keys, wait_replicas=2, wait_timeout_ms=100
+    )
+    await one.start()
+    await two.start()
+    try:
+        await one.create(make_trans("{5}w1"), due_in_ms=600_000)
+        # The replica of slot's primary has it the moment the create is answered.
+        slot_port = redis_cluster.port_of_slot(
+            one.client.keyslot(keys.for_gid("{5}w1").trans)  # type: ignore[union-attr]
+        )
+        replica = next(
+            int(n["addr"].rsplit(":", 1)[1]) for n in redis_cluster.nodes()
+            if "slave" in n["flags"] and n["master"] == _node_id(redis_cluster, slot_port)
+        )
+        with redis_cluster.client(replica) as c:
+            c.execute_command("READONLY")
+            assert c.hget(keys.for_gid("{5}w1").trans, "status") == "submitted"
+        with pytest.raises(StoreUnavailable):
+            await two.create(make_trans("{6}w2"), due_in_ms=600_000)
+        # A client's transition is refused too; the engine's own (by a lease holder)
+        # goes on, since refusing it would leave the transaction stuck.
+        with pytest.raises(StoreUnavailable):
+            await two.transition("{5}w1", Transition(frozenset({Status.SUBMITTED}),
+                                                     next_due_ms=600_000))
+        await one.reset_due(5, 0, 100)
+        [claimed] = [c for c in await one.claim(5, 10, "w") if c.trans.gid == "{5}w1"]
+        result = await two.transition("{5}w1", Transition(
+            frozenset({Status.SUBMITTED}), Status.SUCCEED, owner=claimed.token))
+        assert result.status is Status.SUCCEED
+        assert two._batch.unreplicated >= 1
+    finally:
+        await one.close()
+        await two.close()
+
+
+def _node_id(cluster: RedisClusterProcess, port: int) -> str:
+    return next(n["id"] for n in cluster.nodes() if n["addr"].endswith(f":{port}"))
+
+
+# -- failover under load --------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    acked: list[str] = field(default_factory=list)
+    refused: Counter[int] = field(default_factory=Counter)
+    errors: int = 0
+
+
+async def saga_load(
+    session: aiohttp.ClientSession, api: str, participant: Participant, stop: asyncio.Event,
+    *, workers: int = 12, most: int = 1500,
+) -> LoadResult:
+    """Submit two-step sagas until `stop` (or `most`); record which were acknowledged."""
+    result = LoadResult()
+    counter = iter(range(most))
+
+    async def worker() -> None:
+        for i in counter:
+            if stop.is_set():
+                return
+            gid = f"fo-{i}-{uuid.uuid4().hex[:6]}"
+            body = {"gid": gid, "trans_type": "saga",
+                    "steps": [{"action": participant.url("a1"), "compensate": ""},
+                              {"action": participant.url("a2"), "compensate": ""}],
+                    "payloads": ["{}", "{}"]}
+            try:
+                async with session.post(f"{api}/submit", json=body,
+                                        timeout=aiohttp.ClientTimeout(total=20)) as r:
+                    await r.read()
+                    if r.status == 200:
+                        result.acked.append(gid)
+                    else:
+                        result.refused[r.status] += 1
+                        await asyncio.sleep(0.05)
+            except (aiohttp.ClientError, TimeoutError):
+                result.errors += 1
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return result
+
+
+async def failover_run(wait_replicas: int, session: aiohttp.ClientSession) -> dict[str, int]:
+    """SIGKILL a primary (the seed node) while sagas run; count what became of them."""
+    cluster = await asyncio.to_thread(start_cluster)
+    participant = await Participant().start()
+    proc = CoordinatorProcess(
+        cluster.url, new_prefix(), COORDINATOR_REDIS_WAIT_REPLICAS=wait_replicas,
+        COORDINATOR_ENGINE_LEASE_SECONDS=5,
+    )
+    try:
+        await proc.start()
+        stop = asyncio.Event()
+        load = asyncio.create_task(saga_load(session, proc.api, participant, stop))
+        await asyncio.sleep(2.0)
+        victim = cluster.ports[0]
+        killed_at = time.monotonic()
+        await asyncio.to_thread(cluster.kill, victim)
+        await asyncio.to_thread(cluster.wait_ok, 30)
+        failover_s = time.monotonic() - killed_at
+        await asyncio.sleep(3.0)  # load goes on against the new primary
+        stop.set()
+        result = await asyncio.wait_for(load, 60)
+        probe = StoreProbe(cluster.seeds_url.replace(f"127.0.0.1:{victim},", ""),
+                           proc.prefix, cluster=True)
+        try:
+            statuses = await probe.statuses(result.acked)
+            lost = [g for g, s in statuses.items() if not s]
+            present = [g for g in result.acked if g not in set(lost)]
+            final = await probe.wait_final(present, 60)
+        finally:
+            await probe.close()
+        counts = {
+            "acknowledged": len(result.acked),
+            "lost": len(lost),
+            "final": sum(1 for s in final.values() if s in ("succeed", "failed")),
+            "refused_503": result.refused.get(503, 0),
+            "refused_other": sum(n for s, n in result.refused.items() if s != 503),
+            "transport_errors": result.errors,
+            "failover_ms": int(failover_s * 1000),
+        }
+        print(f"\nfailover with wait_replicas={wait_replicas}: {counts}")
+        assert proc.proc is not None
+        assert proc.proc.poll() is None, proc.log_tail()
+        return counts
+    finally:
+        proc.stop()
+        await participant.stop()
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_failover_under_load_with_wait_replicas_loses_nothing_acknowledged(
+    session: aiohttp.ClientSession,
+) -> None:
+    counts = await failover_run(1, session)
+    assert counts["acknowledged"] > 50, counts
+    assert counts["lost"] == 0, counts
+    assert counts["final"] == counts["acknowledged"], counts
+
+
+async def test_failover_under_load_without_wait_replicas(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Without WAIT an acknowledged submit may die with its primary: report how many.
+    Whatever survived must still end final."""
+    counts = await failover_run(0, session)
+    assert counts["acknowledged"] > 50, counts
+    assert counts["final"] == counts["acknowledged"] - counts["lost"], counts
