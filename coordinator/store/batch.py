@@ -52,6 +52,7 @@ from coordinator.errors import StoreUnavailable
 # (script, keys, args, writes, future); writes: 0 reads, 1 engine write, 2 acknowledged
 Call = tuple[AsyncScript, Sequence[Any], Sequence[Any], int, "asyncio.Future[Any]"]
 READ, WRITE, ACKED = 0, 1, 2
+SHORT_RECHECK_S = 5.0
 
 # What a failover or a resharding answers for a while; the same call succeeds later.
 _TRANSIENT = (
@@ -89,6 +90,7 @@ class ScriptBatcher:
         self.calls = 0
         self.retries = 0
         self.unreplicated = 0  # engine writes WAIT did not confirm in time
+        self._short: dict[str, tuple[float, int]] = {}  # node -> (until, replicas seen)
 
     async def call(
         self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any], *,
@@ -125,6 +127,24 @@ class ScriptBatcher:
         assert isinstance(self.client, RedisCluster)
         return self.client.get_node_from_key(keys[0])
 
+    def _short_of_replicas(self, name: str) -> int | None:
+        """The replicas a node's last WAIT reached, if too few and found out lately.
+
+        After a failover the promoted replica may have no replica left; WAIT there can
+        only time out, and would hold every batch it is part of for `wait_timeout_ms`.
+        So a node whose WAIT fell short is not asked again for `SHORT_RECHECK_S`: its
+        acknowledged writes answer 503 at once, the engine's own go on.
+        """
+        seen = self._short.get(name)
+        if seen is None or seen[0] < time.monotonic():
+            return None
+        return seen[1]
+
+    def _note_wait(self, name: str, acked: Any) -> None:
+        if not (isinstance(acked, int) and acked >= self.wait_replicas):
+            count = acked if isinstance(acked, int) else 0
+            self._short[name] = (time.monotonic() + SHORT_RECHECK_S, count)
+
     def _queue_wait(self, pipe: Any, node: ClusterNode | None) -> None:
         if node is None:
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
@@ -139,6 +159,7 @@ class ScriptBatcher:
             self.calls += len(batch)
             waits: dict[str, int] = {}  # node name -> position of its WAIT reply
             nodes: list[str] = []
+            short: dict[int, int] = {}  # call -> replicas of a primary with too few
             async with self.client.pipeline(transaction=False) as pipe:
                 by_node: dict[str, tuple[ClusterNode | None, list[int]]] = {}
                 for i, (script, keys, args, writes, _) in enumerate(batch):
@@ -147,12 +168,18 @@ class ScriptBatcher:
                     name = node.name if node is not None else ""
                     nodes.append(name)
                     if writes and self.wait_replicas:
-                        by_node.setdefault(name, (node, []))[1].append(i)
+                        have = self._short_of_replicas(name)
+                        if have is not None:
+                            short[i] = have
+                        else:
+                            by_node.setdefault(name, (node, []))[1].append(i)
                 # One WAIT per node, after that node's writes on the same connection.
                 for name, (node, _) in by_node.items():
                     waits[name] = len(batch) + len(waits)
                     self._queue_wait(pipe, node)
                 replies = await pipe.execute(raise_on_error=False)
+            for name, at in waits.items():
+                self._note_wait(name, replies[at])
             for i, (script, keys, args, writes, future) in enumerate(batch):
                 reply = replies[i]
                 if future.done():
@@ -166,7 +193,8 @@ class ScriptBatcher:
                 elif isinstance(reply, Exception):
                     future.set_exception(reply)
                 elif writes and self.wait_replicas:
-                    self._settle(future, reply, replies[waits[nodes[i]]], writes)
+                    acked = short[i] if i in short else replies[waits[nodes[i]]]
+                    self._settle(future, reply, acked, writes)
                 else:
                     future.set_result(reply)
         except BaseException as exc:  # connection trouble: every caller gets the error
@@ -196,7 +224,8 @@ class ScriptBatcher:
             return
         future.set_exception(StoreUnavailable(
             f"the change reached {acked!r} of the {self.wait_replicas} replicas "
-            f"redis.wait_replicas asks for within {self.wait_timeout_ms} ms"
+            f"redis.wait_replicas asks for within {self.wait_timeout_ms} ms; it may be "
+            "lost if its primary fails"
         ))
 
     async def _retry_alone(
@@ -210,9 +239,12 @@ class ScriptBatcher:
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                    wait = writes and self.wait_replicas > 0
+                    node = self._node(keys) if writes and self.wait_replicas else None
+                    name = node.name if node is not None else ""
+                    have = self._short_of_replicas(name) if writes else None
+                    wait = bool(writes) and self.wait_replicas > 0 and have is None
                     if wait:
-                        self._queue_wait(pipe, self._node(keys))
+                        self._queue_wait(pipe, node)
                     replies = await pipe.execute(raise_on_error=False)
                 reply = replies[0]
                 if isinstance(reply, NoScriptError):
@@ -222,7 +254,10 @@ class ScriptBatcher:
                 if isinstance(reply, Exception):
                     raise reply
                 if wait:
+                    self._note_wait(name, replies[1])
                     self._settle(future, reply, replies[1], writes)
+                elif have is not None:
+                    self._settle(future, reply, have, writes)
                 else:
                     future.set_result(reply)
                 return
