@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
+from redis.crc import key_slot
 
 from coordinator.errors import StoreUnavailable
 from coordinator.keys import KeySpace
@@ -276,3 +277,79 @@ async def test_failover_under_load_without_wait_replicas(
     counts = await failover_run(0, session)
     assert counts["acknowledged_after_kill"] > 10, counts
     assert counts["final"] == counts["acknowledged"] - counts["lost"], counts
+
+
+# -- resharding under load ----------------------------------------------------------------
+
+
+def migrate_slot(cluster: RedisClusterProcess, slot: int, dst: int, pause: float) -> int:
+    """Move one slot to primary `dst` the way redis-cli --cluster reshard does, a few
+    keys at a time (with `pause` s between batches, so load meets the migration)."""
+    src = cluster.port_of_slot(slot)
+    src_id, dst_id = _node_id(cluster, src), _node_id(cluster, dst)
+    moved = 0
+    with cluster.client(src) as s, cluster.client(dst) as d:
+        d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        for _ in range(10_000):
+            keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 20)
+            if not keys:
+                break
+            s.execute_command("MIGRATE", "127.0.0.1", dst, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+            time.sleep(pause)
+        for port in cluster.primary_ports():
+            with cluster.client(port) as c:
+                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    return moved
+
+
+async def test_resharding_a_busy_partition_under_load_loses_nothing(
+    session: aiohttp.ClientSession,
+) -> None:
+    cluster = await asyncio.to_thread(start_cluster)
+    participant = await Participant(delay=0.02).start()
+    proc = CoordinatorProcess(cluster.url, new_prefix(), COORDINATOR_ENGINE_LEASE_SECONDS=5)
+    try:
+        await proc.start()
+        slot = key_slot(b"{p0}")
+        src = cluster.port_of_slot(slot)
+        dst = next(p for p in cluster.primary_ports() if p != src)
+        # Every saga in partition 0 (an explicit {0} in the gid): the busiest partition.
+        bodies = [
+            {"gid": f"{{0}}rs-{i}-{uuid.uuid4().hex[:6]}", "trans_type": "saga",
+             "steps": [{"action": participant.url("a1"), "compensate": ""},
+                       {"action": participant.url("a2"), "compensate": ""}],
+             "payloads": ["{}", "{}"]}
+            for i in range(400)
+        ]
+        # A head start, so the slot holds transactions of every stage when it moves.
+        await submit_all(session, proc.api, bodies[:150], parallel=16)
+        load = asyncio.create_task(submit_all(session, proc.api, bodies[150:], parallel=8))
+        began = time.monotonic()
+        moved = await asyncio.to_thread(migrate_slot, cluster, slot, dst, 0.1)
+        ended = time.monotonic()
+        # Branch calls went on while the slot moved: the move met real load.
+        during = sum(1 for c in participant.calls if began <= c.started <= ended)
+        await asyncio.wait_for(load, 120)  # every submit answered 200, during the move too
+        gids = [b["gid"] for b in bodies]
+        probe = StoreProbe(cluster.url, proc.prefix, cluster=True)
+        try:
+            final = await probe.wait_final(gids, 60)
+        finally:
+            await probe.close()
+        print(f"\nresharding: {moved} keys moved in {ended - began:.1f} s, {during} branch "
+              f"calls meanwhile; {Counter(final.values())}")
+        assert during > 5
+        assert Counter(final.values()) == {"succeed": len(gids)}
+        with cluster.client(src) as s, cluster.client(dst) as d:
+            assert s.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+            assert d.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) > 0
+        assert moved > 0
+        # Nothing left due in the partition: no transaction is stuck.
+        with cluster.client(dst) as d:
+            assert d.zcard(f"{proc.prefix}:due:{{p0}}") == 0
+    finally:
+        proc.stop()
+        await participant.stop()
+        await asyncio.to_thread(cluster.stop)
