@@ -21,11 +21,12 @@ from redis.crc import key_slot
 from coordinator.errors import StoreUnavailable
 from coordinator.keys import KeySpace
 from coordinator.model import Status
-from coordinator.settings import RedisSettings
+from coordinator.settings import RedisSettings, Settings, SettingsError
 from coordinator.store.base import Transition
-from coordinator.store.cluster import describe, parse_seeds
+from coordinator.store.cluster import describe, first_url, parse_seeds
+from coordinator.store.connect import open_store, use_cluster
 from coordinator.store.redis_store import RedisStore
-from tests.cluster_support import RedisClusterProcess
+from tests.cluster_support import RedisClusterProcess, free_cluster_ports
 from tests.conftest import start_cluster
 from tests.store_contract import make_trans
 from tests.support import CoordinatorProcess, Participant, StoreProbe, submit_all
@@ -81,8 +82,12 @@ async def test_default_partitions_spread_over_every_primary(
 async def test_two_thousand_sagas_leave_transactions_on_every_primary(
     redis_cluster: RedisClusterProcess, session: aiohttp.ClientSession
 ) -> None:
-    proc = await CoordinatorProcess(redis_cluster.url, new_prefix()).start()
+    proc = await CoordinatorProcess(redis_cluster.url, new_prefix(), log_level="INFO").start()
     try:
+        # One seed was enough: `serve` found the cluster and logged its topology.
+        log = proc.log_tail(200)
+        assert "Redis Cluster, 3 primaries: " in log, log
+        assert log.count(" partitions, replicas 127.0.0.1:") == 3, log
         gids = [f"spread-{i}-{uuid.uuid4().hex[:6]}" for i in range(2000)]
         bodies = [
             {"gid": g, "trans_type": "saga", "steps": [{"action": "", "compensate": ""}],
@@ -353,3 +358,53 @@ async def test_resharding_a_busy_partition_under_load_loses_nothing(
         proc.stop()
         await participant.stop()
         await asyncio.to_thread(cluster.stop)
+
+
+# -- start-up: detection and seeds ---------------------------------------------------------
+
+
+def test_seeds_from_url_and_cluster_nodes() -> None:
+    assert parse_seeds("redis://127.0.0.1:7000/0") == [("127.0.0.1", 7000)]
+    assert parse_seeds("redis://:pw@h1:7000,h2:7001/0", "h3:7002, h4") == [
+        ("h1", 7000), ("h2", 7001), ("h3", 7002), ("h4", 6379)
+    ]
+    assert first_url("redis://:pw@h1:7000,h2:7001/0") == "redis://:pw@h1:7000/0"
+
+
+async def test_cluster_mode_is_detected_or_forced(
+    redis_cluster: RedisClusterProcess, redis_url: str
+) -> None:
+    auto = RedisSettings()
+    assert await use_cluster(redis_cluster.url, auto)
+    assert not await use_cluster(redis_url, auto)
+    assert not await use_cluster(redis_cluster.url, RedisSettings(cluster="false"))
+    assert await use_cluster(redis_url, RedisSettings(cluster="true"))
+    # Every node listed in the URL (the first one down would not matter), or as
+    # cluster_nodes: the store finds the cluster and works on it.
+    dead = free_cluster_ports(1)[0]
+    for url, nodes in [
+        (f"redis://127.0.0.1:{dead}," + redis_cluster.seeds_url.split("//", 1)[1], ""),
+        ("", f"127.0.0.1:{dead},127.0.0.1:{redis_cluster.ports[3]}"),
+    ]:
+        store = await open_store(url, RedisSettings(cluster_nodes=nodes),
+                                 KeySpace(new_prefix(), 8))
+        await store.start()
+        try:
+            assert store.cluster
+            await store.create(make_trans("{3}seeded"), due_in_ms=0)
+            assert [c.trans.gid for c in await store.claim(3, 10, "w")] == ["{3}seeded"]
+        finally:
+            await store.close()
+
+
+def test_cluster_settings_are_checked() -> None:
+    env = {"COORDINATOR_REDIS_WAIT_REPLICAS": "1", "COORDINATOR_REDIS_CLUSTER": "true",
+           "COORDINATOR_REDIS_CLUSTER_NODES": "h1:7000,h2:7000"}
+    s = Settings.load(env=env)
+    assert (s.redis.wait_replicas, s.redis.cluster, s.redis.cluster_nodes) == (
+        1, "true", "h1:7000,h2:7000"
+    )
+    with pytest.raises(SettingsError, match=r"redis\.cluster"):
+        Settings.load(env={"COORDINATOR_REDIS_CLUSTER": "maybe"})
+    with pytest.raises(SettingsError, match=r"redis\.wait_replicas"):
+        Settings.load(env={"COORDINATOR_REDIS_WAIT_REPLICAS": "-1"})

@@ -110,17 +110,15 @@ def partition_spread(keys: KeySpace, primaries: dict[str, list[tuple[int, int]]]
 
 async def describe(client: RedisCluster, keys: KeySpace) -> str:
     """One log line: primaries with their replicas, slots and partitions."""
-    # redis-py's slot map, read from the cluster at start-up: slot -> [primary, replicas].
+    # redis-py parses CLUSTER SLOTS into {(first, last): {"primary": (host, port, id),
+    # "replicas": [(host, port, id), ...]}}.
+    slots: Any = await client.execute_command("CLUSTER SLOTS", target_nodes=RedisCluster.RANDOM)
     primaries: dict[str, list[tuple[int, int]]] = {}
     replicas: dict[str, set[str]] = {}
-    for slot, holders in sorted(client.nodes_manager.slots_cache.items()):
-        name = holders[0].name
-        ranges = primaries.setdefault(name, [])
-        if ranges and ranges[-1][1] == slot - 1:
-            ranges[-1] = (ranges[-1][0], slot)
-        else:
-            ranges.append((slot, slot))
-        replicas.setdefault(name, set()).update(n.name for n in holders[1:])
+    for (lo, hi), info in slots.items():
+        name = f"{info['primary'][0]}:{info['primary'][1]}"
+        primaries.setdefault(name, []).append((int(lo), int(hi)))
+        replicas.setdefault(name, set()).update(f"{r[0]}:{r[1]}" for r in info["replicas"])
     spread = partition_spread(keys, primaries)
     parts = []
     for name in sorted(primaries):
