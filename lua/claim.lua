@@ -1,7 +1,8 @@
 -- claim
 -- Lease due transactions of one partition to a worker and return their records. The
--- candidates come from lua/due.lua; each is checked again here, since another worker may
--- have claimed it in between.
+-- candidates come from a ZRANGEBYSCORE before the call (so that every key touched is
+-- named in KEYS); each is checked again here by the server's clock, since another worker
+-- may have claimed it in between.
 -- KEYS[1] = due index (zset) of the partition, score = ms when due
 -- KEYS[2k], KEYS[2k+1] (k = 1..N) = transaction hash and branches hash of candidate k
 -- ARGV[1] = owner token prefix; each claim gets "<prefix>:<k>"

@@ -1,6 +1,7 @@
 -- sweep
 -- Drop listing-index entries of transactions whose keys have expired. The candidates
--- come from lua/due.lua on the expiry index; each is checked again here.
+-- come from a ZRANGEBYSCORE of the expiry index before the call (so that every key
+-- touched is named in KEYS); each is checked again here by the server's clock.
 -- KEYS[1] = due index (zset) of the partition
 -- KEYS[2] = listing index (zset) of the partition
 -- KEYS[3] = expiry index (zset): member = listing member, score = ms when keys expire

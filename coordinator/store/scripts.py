@@ -28,5 +28,5 @@ def script_text(name: str) -> str:
 
 
 SCRIPT_NAMES = (
-    "create", "transition", "due", "claim", "load", "sweep", "register", "reset_due", "topic",
+    "create", "transition", "claim", "load", "sweep", "register", "reset_due", "topic",
 )
