@@ -272,6 +272,10 @@ async def test_failover_under_load_with_wait_replicas_loses_nothing_acknowledged
     assert counts["acknowledged_after_kill"] > 10, counts
     assert counts["lost"] == 0, counts
     assert counts["final"] == counts["acknowledged"], counts
+    # Retried through the failover: no 500. The promoted replica has none of its own,
+    # so its partitions' submits answer 503 (never acknowledged, so never lost).
+    assert counts["refused_other"] == 0, counts
+    assert counts["refused_503"] > 0, counts
 
 
 async def test_failover_under_load_without_wait_replicas(
@@ -282,6 +286,7 @@ async def test_failover_under_load_without_wait_replicas(
     counts = await failover_run(0, session)
     assert counts["acknowledged_after_kill"] > 10, counts
     assert counts["final"] == counts["acknowledged"] - counts["lost"], counts
+    assert counts["refused_other"] == 0, counts
 
 
 # -- resharding under load ----------------------------------------------------------------

@@ -66,6 +66,11 @@ def transient(exc: BaseException) -> bool:
     """Whether `exc` is what a cluster answers while it fails over or moves a slot."""
     if isinstance(exc, _TRANSIENT):
         return True
+    if isinstance(exc, AttributeError) and "'NoneType'" in str(exc):
+        # redis-py closes every connection of a cluster client when it reloads the slot
+        # map after CLUSTERDOWN; a command of another task caught on one of them fails
+        # like this instead of with a ConnectionError.
+        return True
     return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_CODES)
 
 

@@ -91,8 +91,10 @@ def cluster_client(seeds: Sequence[Seed], url: str = "") -> RedisCluster:
         max_connections=512,
         socket_connect_timeout=2,
         socket_timeout=5,
-        # MOVED beyond this many times reloads the whole slot map instead of patching it.
-        reinitialize_steps=5,
+        # On MOVED, patch the slot map from the reply; never reload it wholesale: redis-py
+        # reloads by closing every connection, which breaks the commands other tasks
+        # have in flight on them (seen during resharding under load).
+        reinitialize_steps=0,
         **_credentials(url),
     )
 
