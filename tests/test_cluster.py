@@ -413,3 +413,36 @@ def test_cluster_settings_are_checked() -> None:
         Settings.load(env={"COORDINATOR_REDIS_CLUSTER": "maybe"})
     with pytest.raises(SettingsError, match=r"redis\.wait_replicas"):
         Settings.load(env={"COORDINATOR_REDIS_WAIT_REPLICAS": "-1"})
+
+
+async def test_health_on_one_redis(
+    coordinator: CoordinatorProcess, session: aiohttp.ClientSession
+) -> None:
+    async with session.get(f"{coordinator.base}/api/health") as r:
+        body = await r.json()
+    assert r.status == 200
+    assert body == {"mode": "single", "ok": True, "nodes": [{"role": "primary", "ok": True}]}
+
+
+async def test_an_outage_that_lasts_is_store_unavailable_after_the_retries() -> None:
+    """A primary without a replica dies: its slots stay down, so after retrying for
+    `retry_for` seconds the call gives up with StoreUnavailable (HTTP 503)."""
+    cluster = await asyncio.to_thread(
+        lambda: RedisClusterProcess(replicas_per_primary=0).start()
+    )
+    store = RedisStore.from_cluster(parse_seeds(cluster.url), KeySpace(new_prefix(), 8),
+                                    retry_for=1.5)
+    try:
+        await store.start()
+        gid = "{2}outage"
+        victim = cluster.port_of_slot(key_slot(b"{p2}"))
+        await store.create(make_trans(gid), due_in_ms=600_000)
+        await asyncio.to_thread(cluster.kill, victim)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=r"did not answer for 1\.5 s"):
+            await store.transition(gid, Transition(frozenset({Status.SUBMITTED}),
+                                                   next_due_ms=0))
+        assert time.monotonic() - started >= 1.4  # retried first, for retry_for
+    finally:
+        await store.close()
+        await asyncio.to_thread(cluster.stop)
