@@ -48,13 +48,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "alternate the two in one run, side by side")
     p.add_argument("--stock", type=int, default=0,
                    help="flash-sale: units in stock (default: about 5 s of selling)")
+    p.add_argument("--cluster", type=int, default=0, metavar="N",
+                   help="saga-empty: also run on a private Redis Cluster of N primaries "
+                   "(one replica each), without and with redis.wait_replicas = 1, next to "
+                   "one private Redis")
+    p.add_argument("--wait-replicas", type=int, default=0,
+                   help="redis.wait_replicas for the coordinator (a cluster or replicas)")
 
 
 def run(args: argparse.Namespace) -> int:
     opts = RunOptions(duration=args.duration, warmup=args.warmup,
                       concurrency=args.concurrency, workers=args.workers,
                       redis_url=args.redis_url, stock=args.stock,
-                      protocol="http" if args.protocol == "both" else args.protocol)
+                      protocol="http" if args.protocol == "both" else args.protocol,
+                      wait_replicas=args.wait_replicas)
+    if args.cluster:
+        if args.scenario != "saga-empty" or args.compare or args.protocol != "http":
+            print("--cluster goes with saga-empty only, over HTTP, without --compare",
+                  file=sys.stderr)
+            return 2
+        return _run_cluster(args, opts)
     if args.protocol == "both":
         if args.compare or args.scenario not in ("saga-empty", "saga"):
             sys.exit("--protocol both: saga-empty or saga only, and not with --compare")
@@ -100,6 +113,29 @@ def _run(args: argparse.Namespace, opts: RunOptions, other: RunOptions | None) -
             print("no plot: matplotlib is not installed (pip install matplotlib)")
     correct = all(r.get("correct", True) for r in results + others)
     return 0 if correct else 1
+
+
+def _run_cluster(args: argparse.Namespace, opts: RunOptions) -> int:
+    """One Redis, the cluster, the cluster with wait_replicas = 1: one table, same run."""
+    variants = [replace(opts, redis_url=None, wait_replicas=0),
+                replace(opts, redis_url=None, cluster=args.cluster, wait_replicas=0),
+                replace(opts, redis_url=None, cluster=args.cluster, wait_replicas=1)]
+    rows: list[list[dict[str, Any]]] = [[] for _ in variants]
+    for i in range(args.runs):
+        for bucket, variant in zip(rows, variants, strict=True):
+            print(f"run {i + 1}/{args.runs}: saga-empty{variant.label}", file=sys.stderr)
+            bucket.append(asyncio.run(saga_empty(variant)))
+    summaries = [median_of(bucket) for bucket in rows]
+    print(report.table(summaries))
+    for bucket in rows:
+        by_node = bucket[-1].get("redis_usec_per_tx_by_node")
+        if by_node:
+            print(f"{bucket[-1]['scenario']}: Redis µs per transaction by primary: "
+                  + ", ".join(f"{n} {v}" for n, v in sorted(by_node.items())))
+    if args.json:
+        report.save_json(args.json, [*summaries, *(r for b in rows for r in b)], vars(args))
+        print(f"report written to {args.json}")
+    return 0 if all(r.get("correct", True) for b in rows for r in b) else 1
 
 
 def median_of(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -15,8 +15,11 @@ from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
+from bench.redis_cluster import RedisClusterProcess
 from coordinator.embedded_redis import EmbeddedRedis
+from coordinator.store.cluster import cluster_client, is_cluster, parse_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,12 +89,19 @@ class Processes:
 
 
 class BenchEnv:
-    """A Redis (private unless a URL is given), N coordinator workers on one port."""
+    """A Redis (private unless a URL is given), N coordinator workers on one port.
+
+    With `cluster` > 0 the Redis is a private cluster of that many primaries, each with
+    one replica; a given URL may also name a cluster (the coordinator detects it).
+    """
 
     def __init__(
-        self, redis_url: str | None, workers: int, root: Path = ROOT, **coordinator_env: Any
+        self, redis_url: str | None, workers: int, root: Path = ROOT, *, cluster: int = 0,
+        **coordinator_env: Any,
     ) -> None:
         self.root = root
+        self.cluster_size = cluster
+        self._cluster: RedisClusterProcess | None = None
         self.redis_url = redis_url or ""
         self.workers = workers
         self.coordinator_env = {k: str(v) for k, v in coordinator_env.items()}
@@ -100,23 +110,33 @@ class BenchEnv:
         self.procs = Processes()
         self._embedded: EmbeddedRedis | None = None
         self._data_dir = Path()
-        self.redis: aioredis.Redis | None = None
+        self.redis: aioredis.Redis | RedisCluster | None = None
 
     @property
     def api(self) -> str:
         return f"http://127.0.0.1:{self.port}/api/dtmsvr"
 
     async def start(self) -> None:
+        if self.cluster_size:
+            self._cluster = RedisClusterProcess(primaries=self.cluster_size)
+            await asyncio.to_thread(self._cluster.start)
+            self.redis_url = self._cluster.url
         if not self.redis_url:
             self._data_dir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
             self._embedded = EmbeddedRedis(self._data_dir)
             self.redis_url = await self._embedded.start()
-        self.redis = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
-        await self.redis.flushdb()
         # The gRPC port by environment, not flag: a --compare revision without gRPC
         # ignores an unknown variable but would refuse an unknown flag.
         env = {"COORDINATOR_ENGINE_POLL_INTERVAL": "0.05",
                "COORDINATOR_SERVER_GRPC_PORT": str(self.grpc_port), **self.coordinator_env}
+        if not self.redis_url.startswith("unix://") and await is_cluster(self.redis_url):
+            # A cluster is not flushed: the run's keys get a prefix of their own.
+            self.redis = cluster_client(parse_seeds(self.redis_url), self.redis_url)
+            await self.redis.initialize()
+            env.setdefault("COORDINATOR_REDIS_KEY_PREFIX", f"bench{os.getpid()}")
+        else:
+            self.redis = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
+            await self.redis.flushdb()
         await self.procs.spawn(
             "coordinator", sys.executable, "-m", "coordinator", "serve",
             "--workers", str(self.workers), "--port", str(self.port),
@@ -137,12 +157,29 @@ class BenchEnv:
         if self._embedded is not None:
             await self._embedded.stop()
             shutil.rmtree(self._data_dir, ignore_errors=True)
+        if self._cluster is not None:
+            await asyncio.to_thread(self._cluster.stop)
 
 
-async def redis_counters(client: aioredis.Redis) -> dict[str, int]:
-    """Client calls (script invocations and plain commands) and bytes moved so far."""
-    stats = await client.info("stats")
-    commands = await client.info("commandstats")
+async def redis_counters(client: aioredis.Redis | RedisCluster) -> dict[str, int]:
+    """Client calls (script invocations and plain commands) and bytes moved so far.
+
+    On a cluster: summed over the primaries, plus ``script_usec@<node>`` per primary.
+    """
+    if isinstance(client, RedisCluster):
+        total: dict[str, int] = {}
+        for node in client.get_primaries():
+            stats = await client.info("stats", target_nodes=node)
+            commands = await client.info("commandstats", target_nodes=node)
+            one = _counters(stats, commands)
+            total[f"script_usec@{node.name}"] = one["script_usec"]
+            for key, value in one.items():
+                total[key] = total.get(key, 0) + value
+        return total
+    return _counters(await client.info("stats"), await client.info("commandstats"))
+
+
+def _counters(stats: dict[str, Any], commands: dict[str, Any]) -> dict[str, int]:
     scripts = [v for k, v in commands.items()
                if k in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro",
                         "cmdstat_eval_ro")]

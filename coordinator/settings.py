@@ -52,9 +52,19 @@ class RedisSettings:
     url: str = ""
     data_dir: str = ".coordinator"
     key_prefix: str = "coord"
-    partitions: int = 16
+    # 63: the {pN} slots of 63 partitions land 20/20/23 on a 3-primary cluster (16
+    # would give 4/5/7); see the README's cluster section for larger clusters.
+    partitions: int = 63
     # Send script calls of concurrent transactions together (one round trip per batch).
     pipeline: bool = True
+    # Redis Cluster: "auto" (ask the server), "true" or "false".
+    cluster: str = "auto"
+    # More cluster seeds, "host:port,host:port" (redis.url may list several hosts too).
+    cluster_nodes: str = ""
+    # Replicas that must have each acknowledged change before the answer (WAIT).
+    wait_replicas: int = 0
+    # Longest WAIT for them (s); a change they did not confirm in time answers 503.
+    wait_timeout: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -181,6 +191,10 @@ class Settings:
             (1 <= self.server.workers <= 256, "server.workers must be 1..256"),
             (1 <= self.redis.partitions <= 4096, "redis.partitions must be 1..4096"),
             (bool(self.redis.key_prefix), "redis.key_prefix must not be empty"),
+            (self.redis.cluster in ("auto", "true", "false"),
+             "redis.cluster must be auto, true or false"),
+            (0 <= self.redis.wait_replicas <= 16, "redis.wait_replicas must be 0..16"),
+            (self.redis.wait_timeout > 0, "redis.wait_timeout must be > 0"),
             (self.engine.concurrency >= 1, "engine.concurrency must be >= 1"),
             (self.engine.poll_interval > 0, "engine.poll_interval must be > 0"),
             (

@@ -1,35 +1,41 @@
 -- claim
--- Lease up to N due transactions of one partition to a worker and return their records.
+-- Lease due transactions of one partition to a worker and return their records. The
+-- candidates come from a ZRANGEBYSCORE before the call (so that every key touched is
+-- named in KEYS); each is checked again here by the server's clock, since another worker
+-- may have claimed it in between.
 -- KEYS[1] = due index (zset) of the partition, score = ms when due
--- ARGV[1] = transaction key prefix of the partition (the gid is appended)
--- ARGV[2] = branches key prefix of the partition
--- ARGV[3] = at most this many transactions
--- ARGV[4] = owner token prefix; each claim gets "<prefix>:<n>" (n = 1..N in this call)
--- ARGV[5] = lease length in ms
+-- KEYS[2k], KEYS[2k+1] (k = 1..N) = transaction hash and branches hash of candidate k
+-- ARGV[1] = owner token prefix; each claim gets "<prefix>:<k>"
+-- ARGV[2] = lease length in ms
+-- ARGV[2+k] = gid of candidate k
 -- returns {now_ms, {gid, token, {trans field, value, ...}, {branch key, json, ...}}, ...}
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {string.format('%d', now)}
-local lease_ms = tonumber(ARGV[5])
-local gids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
-for i, gid in ipairs(gids) do
-  local tkey = ARGV[1] .. gid
-  local rec = redis.call('HMGET', tkey, 'status', 'owner', 'lease_until')
-  local status = rec[1]
-  if (not status) or status == 'succeed' or status == 'failed' then
-    -- Finished or expired: the entry must not outlive the transaction.
-    redis.call('ZREM', KEYS[1], gid)
-  elseif rec[2] and rec[2] ~= '' and tonumber(rec[3] or '0') > now then
-    -- Someone holds a live lease: look again when it runs out.
-    redis.call('ZADD', KEYS[1], tonumber(rec[3]), gid)
-  else
-    local token = ARGV[4] .. ':' .. i
-    local until_ms = now + lease_ms
-    redis.call('HSET', tkey, 'owner', token, 'lease_until', string.format('%d', until_ms))
-    redis.call('ZADD', KEYS[1], until_ms, gid)
-    out[#out + 1] = {gid, token, redis.call('HGETALL', tkey),
-      redis.call('HGETALL', ARGV[2] .. gid)}
+local lease_ms = tonumber(ARGV[2])
+for i = 3, #ARGV do
+  local gid = ARGV[i]
+  local k = i - 2
+  local tkey = KEYS[2 * k]
+  local score = redis.call('ZSCORE', KEYS[1], gid)
+  if score and tonumber(score) <= now then
+    local rec = redis.call('HMGET', tkey, 'status', 'owner', 'lease_until')
+    local status = rec[1]
+    if (not status) or status == 'succeed' or status == 'failed' then
+      -- Finished or expired: the entry must not outlive the transaction.
+      redis.call('ZREM', KEYS[1], gid)
+    elseif rec[2] and rec[2] ~= '' and tonumber(rec[3] or '0') > now then
+      -- Someone holds a live lease: look again when it runs out.
+      redis.call('ZADD', KEYS[1], tonumber(rec[3]), gid)
+    else
+      local token = ARGV[1] .. ':' .. k
+      local until_ms = now + lease_ms
+      redis.call('HSET', tkey, 'owner', token, 'lease_until', string.format('%d', until_ms))
+      redis.call('ZADD', KEYS[1], until_ms, gid)
+      out[#out + 1] = {gid, token, redis.call('HGETALL', tkey),
+        redis.call('HGETALL', KEYS[2 * k + 1])}
+    end
   end
 end
 return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import aiohttp
 import pytest
 import redis
 
+from tests.cluster_support import RedisClusterProcess, have_cluster_tools
 from tests.support import Api, CoordinatorProcess, Participant
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -34,6 +36,25 @@ def redis_url() -> str:
     except redis.RedisError as exc:
         require_service("Redis", str(exc))
     return REDIS_URL
+
+
+def start_cluster() -> RedisClusterProcess:
+    """A fresh 3-primary/3-replica cluster; the caller stops it."""
+    if not have_cluster_tools():
+        require_service("Redis Cluster", "redis-server and redis-cli must be on PATH")
+    try:
+        return RedisClusterProcess().start()
+    except (OSError, subprocess.SubprocessError, TimeoutError, redis.RedisError) as exc:
+        require_service("Redis Cluster", f"the test cluster did not start: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcess]:
+    """One cluster for the whole session; tests that break it start their own."""
+    cluster = start_cluster()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
@@ -56,8 +77,18 @@ async def participant() -> AsyncIterator[Participant]:
 
 
 @pytest.fixture
-async def coordinator(redis_url: str, prefix: str) -> AsyncIterator[CoordinatorProcess]:
-    proc = await CoordinatorProcess(redis_url, prefix).start()
+def backend_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """The Redis a test's coordinator uses: the shared one, or (param "cluster") the
+    session's test cluster, given as one seed node as a user would."""
+    if getattr(request, "param", "redis") == "cluster":
+        cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    return redis_url
+
+
+@pytest.fixture
+async def coordinator(backend_url: str, prefix: str) -> AsyncIterator[CoordinatorProcess]:
+    proc = await CoordinatorProcess(backend_url, prefix).start()
     yield proc
     proc.stop()
 

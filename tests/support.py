@@ -20,8 +20,10 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 
 from coordinator.keys import KeySpace
+from coordinator.settings import RedisSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,8 +150,11 @@ class Participant:
 class CoordinatorProcess:
     """`coordinator serve` as a child process, on its own port and key prefix."""
 
-    def __init__(self, redis_url: str, prefix: str, **env: Any) -> None:
+    def __init__(
+        self, redis_url: str, prefix: str, *, log_level: str = "WARNING", **env: Any
+    ) -> None:
         self.redis_url = redis_url
+        self.log_level = log_level
         self.prefix = prefix
         self.port = free_port()
         # Every test coordinator serves gRPC on a port of its own: the default 36790
@@ -184,7 +189,7 @@ class CoordinatorProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coordinator", "serve", "--port", str(self.port),
              "--grpc-port", str(self.grpc_port), "--redis-url", self.redis_url,
-             "--log-level", "WARNING", *self.extra_args],
+             "--log-level", self.log_level, *self.extra_args],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -322,8 +327,14 @@ async def submit_all(
 class StoreProbe:
     """Reads transaction hashes straight from Redis, as redis-cli would: no coordinator."""
 
-    def __init__(self, redis_url: str, prefix: str, partitions: int = 16) -> None:
-        self.client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    def __init__(
+        self, redis_url: str, prefix: str, partitions: int = RedisSettings().partitions,
+        *, cluster: bool = False,
+    ) -> None:
+        self.client: Any = (
+            RedisCluster.from_url(redis_url, decode_responses=True) if cluster
+            else aioredis.Redis.from_url(redis_url, decode_responses=True)
+        )
         self.keys = KeySpace(prefix, partitions)
 
     async def fields(self, gids: list[str], *names: str) -> dict[str, list[str | None]]:

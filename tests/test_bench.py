@@ -16,6 +16,7 @@ from bench import report
 from bench.cli import median_of
 from bench.flash_sale import flash_sale
 from bench.scenarios import RunOptions, redis_ceiling, saga_empty, saga_http
+from tests.cluster_support import have_cluster_tools
 from tests.conftest import require_service
 
 SHORT = RunOptions(duration=2.0, warmup=0.5, concurrency=8, workers=1)
@@ -83,3 +84,17 @@ async def test_redis_ceiling_runs() -> None:
     result = await redis_ceiling(RunOptions(duration=1.0, warmup=0.0))
     assert result["tx_per_s"] > 0
     assert result["scripts_per_tx"] == 2
+
+
+async def test_saga_empty_on_a_private_cluster_reports_redis_time_per_primary() -> None:
+    if not have_cluster_tools():
+        require_service("Redis Cluster", "redis-server and redis-cli must be on PATH")
+    result = await saga_empty(replace(SHORT, cluster=3, wait_replicas=1))
+    _check_common(result)
+    assert result["scenario"] == "saga-empty cluster3 wait1"
+    by_node = result["redis_usec_per_tx_by_node"]
+    assert isinstance(by_node, dict)
+    # gids spread over the partitions, partitions over the primaries: each does its share.
+    assert len(by_node) == 3
+    assert all(v > 0 for v in by_node.values()), by_node
+    assert "ceiling" not in result  # a one-node figure

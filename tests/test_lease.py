@@ -16,6 +16,7 @@ from collections import Counter
 
 import aiohttp
 
+from tests.cluster_support import CLUSTER_TOO
 from tests.support import (
     OK,
     ONGOING,
@@ -132,17 +133,23 @@ async def test_two_processes_share_due_work_without_overlap(
     assert elapsed < 60
 
 
-async def test_survivor_takes_over_after_sigkill(redis_url: str, prefix: str) -> None:
+@CLUSTER_TOO
+async def test_survivor_takes_over_after_sigkill(
+    backend_url: str, redis_url: str, prefix: str
+) -> None:
     participant = await Participant(delay=0.2).start()
-    probe = StoreProbe(redis_url, prefix)
-    victim = CoordinatorProcess(redis_url, prefix, **ENV)
-    survivor = CoordinatorProcess(redis_url, prefix, **ENV)
+    probe = StoreProbe(backend_url, prefix, cluster=backend_url != redis_url)
+    victim = CoordinatorProcess(backend_url, prefix, **ENV)
+    survivor = CoordinatorProcess(backend_url, prefix, **ENV)
     gids = [f"takeover-{i:03d}" for i in range(200)]
     a1_calls = _program(participant, gids)
     started = time.monotonic()
     watcher: OwnerWatcher | None = None
     try:
         await asyncio.gather(victim.start(), survivor.start())
+        # Connected before the submits: a cluster client first reads the slot map, and
+        # the watcher must see the owners the submits create.
+        await probe.fields(gids[:1], "owner")
         watcher = OwnerWatcher(probe, gids)
         bodies = [saga_body(gid, participant, 2) for gid in gids]
         async with aiohttp.ClientSession() as session:

@@ -24,6 +24,8 @@ import pytest
 import redis
 
 from coordinator.keys import partition_of
+from coordinator.settings import RedisSettings
+from tests.cluster_support import CLUSTER_TOO, RedisClusterProcess
 from tests.support import (
     ERROR,
     FAIL,
@@ -54,9 +56,22 @@ def shared(redis_url: str) -> Iterator[CoordinatorProcess]:
     client.close()
 
 
+@pytest.fixture(scope="module")
+def shared_on_cluster(redis_cluster: RedisClusterProcess) -> Iterator[CoordinatorProcess]:
+    """One coordinator for the module on the test cluster (which is thrown away)."""
+    proc = CoordinatorProcess(redis_cluster.url, "t" + uuid.uuid4().hex[:10])
+    asyncio.run(proc.start())
+    yield proc
+    proc.stop()
+
+
 @pytest.fixture
-def api(session: aiohttp.ClientSession, shared: CoordinatorProcess) -> Api:
-    return Api(session, shared.api)
+def api(
+    request: pytest.FixtureRequest, session: aiohttp.ClientSession, backend_url: str
+) -> Api:
+    name = "shared_on_cluster" if backend_url != request.getfixturevalue("redis_url") else "shared"
+    proc: CoordinatorProcess = request.getfixturevalue(name)
+    return Api(session, proc.api)
 
 
 @pytest.fixture
@@ -126,6 +141,7 @@ def branch_statuses(query: dict[str, Any]) -> dict[tuple[str, str], str]:
 # -- msg --------------------------------------------------------------------------------
 
 
+@CLUSTER_TOO
 async def test_msg_prepare_submit_calls_actions_in_order(
     api: Api, participant: Participant
 ) -> None:
@@ -164,6 +180,7 @@ async def test_msg_prepare_twice_succeeds_and_after_finish_is_refused(
     assert len(calls_of(participant, gid, "a1")) == 1
 
 
+@CLUSTER_TOO
 async def test_msg_back_check_success_submits_it(api: Api, participant: Participant) -> None:
     gid = new_gid("msg-bc-ok")
     body = msg_body(gid, participant, 2, timeout_to_fail=1)
@@ -432,6 +449,7 @@ async def tcc_with(api: Api, p: Participant, gid: str, ids: list[str],
                  tcc_branch(gid, p, bid))
 
 
+@CLUSTER_TOO
 async def test_tcc_submit_confirms_every_branch(api: Api, participant: Participant) -> None:
     gid = new_gid("tcc-ok")
     await tcc_with(api, participant, gid, ["01", "02", "03"])
@@ -457,6 +475,7 @@ async def test_tcc_submit_confirms_every_branch(api: Api, participant: Participa
         (b, "cancel"): "prepared" for b in ("01", "02", "03")}
 
 
+@CLUSTER_TOO
 async def test_tcc_abort_cancels_in_reverse_order(api: Api, participant: Participant) -> None:
     gid = new_gid("tcc-abort")
     await tcc_with(api, participant, gid, ["01", "02", "03"])
@@ -831,8 +850,11 @@ async def test_reset_cron_time_exact_limit_has_nothing_remaining(
     own_api: Api, participant: Participant
 ) -> None:
     api = own_api
-    # Not in the last of the 16 partitions: partitions after it must be looked at too.
-    gid = next(g for g in iter(lambda: new_gid("reset-one"), "") if partition_of(g, 16) < 15)
+    # Not in the last partition: partitions after it must be looked at too.
+    last = RedisSettings().partitions - 1
+    gid = next(
+        g for g in iter(lambda: new_gid("reset-one"), "") if partition_of(g, last + 1) < last
+    )
     participant.plan_for(gid, "a1", ERROR, OK)
     await ok(api, "submit", msg_body(gid, participant, 1, retry_interval=60))
     await wait_for(lambda: calls_of(participant, gid), 5, what="first call")

@@ -11,6 +11,7 @@ the "fakeredis" parameter, with the reason, and never the real run.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -24,8 +25,10 @@ from coordinator.errors import NotFound
 from coordinator.keys import KeySpace, partition_of, tag
 from coordinator.model import Status
 from coordinator.store.base import ListFilter, Transition
+from coordinator.store.cluster import parse_seeds
 from coordinator.store.redis_store import RedisStore
 from coordinator.store.scripts import SCRIPT_NAMES
+from tests.cluster_support import RedisClusterProcess
 from tests.store_contract import *  # noqa: F403
 from tests.store_contract import SUBMITTED, make_trans
 
@@ -38,9 +41,10 @@ class RedisStoreFactory(Protocol):
     ) -> RedisStore: ...
 
 
-@pytest.fixture(params=["redis", "fakeredis"])
+@pytest.fixture(params=["redis", "fakeredis", "cluster"])
 def backend(request: pytest.FixtureRequest) -> str:
-    """Which server: the shared real Redis, or a fresh in-process FakeServer per test."""
+    """Which server: the shared real Redis, a fresh in-process FakeServer per test, or
+    the session's real 3-primary/3-replica Redis Cluster (tests/cluster_support.py)."""
     return str(request.param)
 
 
@@ -53,12 +57,22 @@ async def store_factory(
     if backend == "redis":
         url: str = request.getfixturevalue("redis_url")
         keys = KeySpace(prefix=request.getfixturevalue("prefix"), partitions=PARTITIONS)
+    elif backend == "cluster":
+        cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
+        keys = KeySpace(prefix="t" + uuid.uuid4().hex[:10], partitions=PARTITIONS)
     else:
         server = fakeredis.FakeServer()
         keys = KeySpace(prefix="fake", partitions=PARTITIONS)
 
     async def make(*, lease_ms: int = 30_000, finished_ttl_s: int = 86_400) -> RedisStore:
         client: aioredis.Redis
+        if backend == "cluster":
+            store = RedisStore.from_cluster(
+                parse_seeds(cluster.url), keys, lease_ms=lease_ms, finished_ttl_s=finished_ttl_s
+            )
+            stores.append(store)
+            await store.start()
+            return store
         if backend == "redis":
             client = aioredis.Redis.from_url(url, decode_responses=True)
         else:

@@ -21,6 +21,7 @@ import orjson
 
 from coordinator import __version__
 from coordinator.keys import partition_of
+from tests.cluster_support import CLUSTER_TOO
 from tests.support import (
     ERROR,
     FAIL,
@@ -78,6 +79,7 @@ async def quiet_for(seconds: float) -> None:
 # -- success and rollback ---------------------------------------------------------------
 
 
+@CLUSTER_TOO
 async def test_saga_success_calls_actions_in_order_with_dtm_protocol(
     api: Api, participant: Participant
 ) -> None:
@@ -104,6 +106,7 @@ async def test_saga_success_calls_actions_in_order_with_dtm_protocol(
     assert len(calls_of(participant, gid)) == 3
 
 
+@CLUSTER_TOO
 async def test_saga_rollback_compensates_in_reverse_including_failed_step(
     api: Api, participant: Participant
 ) -> None:
@@ -510,6 +513,7 @@ async def _walk(api: Api, limit: int, **filters: str) -> tuple[list[dict[str, An
     raise AssertionError("the walk did not end")
 
 
+@CLUSTER_TOO
 async def test_all_pages_without_loss_or_duplicates(
     api: Api, participant: Participant
 ) -> None:

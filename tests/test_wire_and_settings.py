@@ -191,7 +191,7 @@ def test_defaults_need_nothing_configured() -> None:
     s = Settings.load(env={})
     assert (s.server.host, s.server.port) == ("127.0.0.1", 36789)
     assert s.redis.url == ""
-    assert s.redis.partitions == 16
+    assert s.redis.partitions == 63
     assert s.redis.key_prefix == "coord"
     assert s.engine.lease_seconds == 15.0
     assert s.engine.finished_ttl == 86_400

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from coordinator.api.envelope import error_middleware
 from coordinator.api.grpc_front import start_grpc
+from coordinator.api.health import handle_health
 from coordinator.api.jsonrpc import handle_json_rpc
 from coordinator.api.routes import ENGINE, SERVICE, SETTINGS, STORE, add_routes
 from coordinator.embedded_redis import EmbeddedRedis
@@ -30,7 +31,7 @@ from coordinator.registry.publisher import Publisher
 from coordinator.registry.resolver import Resolvers
 from coordinator.service import Service
 from coordinator.settings import Settings
-from coordinator.store.redis_store import RedisStore
+from coordinator.store.connect import log_topology, open_store
 
 log = logging.getLogger("coordinator")
 
@@ -53,6 +54,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_begin_stop)
     add_routes(app)
     app.router.add_post("/api/json-rpc", handle_json_rpc)
+    app.router.add_get("/api/health", handle_health)
     return app
 
 
@@ -65,8 +67,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         url = await embedded.start()
         log.info("started a private redis-server with its data in %s", settings.redis.data_dir)
     keys = KeySpace(settings.redis.key_prefix, settings.redis.partitions)
-    store = RedisStore.from_url(
+    store = await open_store(
         url,
+        settings.redis,
         keys,
         lease_ms=int(settings.engine.lease_seconds * 1000),
         finished_ttl_s=settings.engine.finished_ttl,
@@ -85,6 +88,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     grpc_server: grpc.aio.Server | None = None
     try:
         await store.start()
+        await log_topology(store)
         # One keep-alive pool for every branch call; the per-host limit keeps one slow
         # participant from taking every socket.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30)

@@ -148,11 +148,14 @@ class Engine:
         count = self.store.partitions
         start = self._next_partition
         self._next_partition = (start + 1) % count
-        for i in range(count):
+        # One look at every partition first (one pipeline per Redis node), then claims
+        # only where something is due, starting at a different partition each round.
+        due: list[int] = await self.store.due_partitions()
+        due.sort(key=lambda p: (p - start) % count)
+        for partition in due:
             free = self.settings.concurrency - self.active
             if free <= 0 or self._stopping.is_set():
                 break
-            partition = (start + i) % count
             sent = time.monotonic()  # the lease runs from (at latest) the claim's send
             for item in await self.store.claim(partition, free, self.new_token()):
                 total += 1

@@ -9,8 +9,10 @@ running `tests/store_contract.py` against it.
 from __future__ import annotations
 
 import abc
+import builtins
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from coordinator.model import Branch, BranchStatus, Status, Trans
 
@@ -130,3 +132,11 @@ class Store(abc.ABC):
 
     async def ping(self) -> bool:
         return True
+
+    async def health(self) -> dict[str, Any]:
+        """Reachability of the backend's servers: ``{"ok": bool, ...}``."""
+        return {"ok": await self.ping()}
+
+    async def due_partitions(self) -> builtins.list[int]:
+        """Partitions that may hold due work (a backend that cannot tell: all of them)."""
+        return list(range(self.partitions))

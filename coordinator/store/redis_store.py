@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from coordinator.errors import AlreadyExists, NotFound, raise_for_reply
@@ -21,7 +24,7 @@ from coordinator.store.base import (
     Transition,
     TransitionResult,
 )
-from coordinator.store.batch import ScriptBatcher
+from coordinator.store.batch import ACKED, READ, WRITE, ScriptBatcher
 from coordinator.store.codec import branches_json, pairs_to_dict, trans_fields, trans_from_hash
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
 
@@ -31,14 +34,18 @@ class RedisStore(Store):
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         keys: KeySpace,
         *,
         lease_ms: int = 30_000,
         finished_ttl_s: int = 86_400,
         batch: bool = True,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+        retry_for: float = 0.0,
     ) -> None:
         self.client = client
+        self.cluster = isinstance(client, RedisCluster)
         self.keys = keys
         self.partitions = keys.partitions
         self.lease_ms = lease_ms
@@ -49,14 +56,34 @@ class RedisStore(Store):
             name: client.register_script(script_text(name)) for name in SCRIPT_NAMES
         }
         # Creates and transitions of concurrent transactions share round trips.
-        self._batch = ScriptBatcher(client, max_batch=256 if batch else 1)
+        # On a cluster, one pipeline per node per round.
+        self._batch = ScriptBatcher(
+            client, max_batch=256 if batch else 1, wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms, retry_for=retry_for,
+        )
 
     @classmethod
     def from_url(cls, url: str, keys: KeySpace, **kwargs: Any) -> RedisStore:
         client = aioredis.Redis.from_url(url, decode_responses=True, max_connections=512)
         return cls(client, keys, **kwargs)
 
+    @classmethod
+    def from_cluster(cls, seeds: Sequence[tuple[str, int]], keys: KeySpace, *,
+                     url: str = "", **kwargs: Any) -> RedisStore:
+        """A store on Redis Cluster, found from one or more seed nodes (cluster.py).
+
+        Calls caught in a failover are retried for `retry_for` seconds (default 10: a
+        replica takes over within a few node timeouts) before they answer 503.
+        """
+        from coordinator.store.cluster import cluster_client
+
+        kwargs.setdefault("retry_for", 10.0)
+        return cls(cluster_client(seeds, url), keys, **kwargs)
+
     async def start(self) -> None:
+        if isinstance(self.client, RedisCluster):
+            await self.client.initialize()
+        # On a cluster SCRIPT LOAD goes to every primary.
         for script in self.scripts.values():
             await self.client.script_load(script.script)
 
@@ -65,6 +92,12 @@ class RedisStore(Store):
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())
+
+    async def health(self) -> dict[str, Any]:
+        """Reachability of every Redis node this store uses (see cluster.py)."""
+        from coordinator.store.cluster import node_health
+
+        return await node_health(self.client)
 
     def create_call(
         self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
@@ -106,28 +139,52 @@ class RedisStore(Store):
 
     async def transition(self, gid: str, change: Transition) -> TransitionResult:
         keys, args = self.transition_call(gid, change)
-        reply = await self._batch.call(self.scripts["transition"], keys, args)
+        # A change by a lease holder is the engine's own; one without is a client's.
+        writes = WRITE if change.owner else ACKED
+        reply = await self._batch.call(self.scripts["transition"], keys, args, writes=writes)
         wanted = f"move to '{change.new_status.value}'" if change.new_status else "update"
         raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", wanted)
         return TransitionResult(Status(reply[1]), int(reply[2]), reply[3] == "1")
 
     async def load(self, gid: str) -> Trans | None:
         keys = self.keys.for_gid(gid)
-        fields, branches = await self.scripts["load"](keys=[keys.trans, keys.branches])
+        fields, branches = await self._batch.call(
+            self.scripts["load"], [keys.trans, keys.branches], [], writes=READ
+        )
         if not fields:
             return None
         return trans_from_hash(pairs_to_dict(fields), pairs_to_dict(branches))
 
+    async def _due(self, zset: str, limit: int) -> builtins.list[str]:
+        """Members of a partition's sorted set that look due by this host's clock.
+
+        Only a hint: claim and sweep check each one again by the server's clock, in the
+        script. A plain command rather than a script keeps the idle look cheap.
+        """
+        found = await self.client.zrangebyscore(zset, "-inf", _now_ms(), start=0, num=limit)
+        return [str(member) for member in found]
+
+    async def due_partitions(self) -> builtins.list[int]:
+        """Partitions with due work, all asked in one round (one pipeline per node)."""
+        now = _now_ms()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for p in range(self.partitions):
+                pipe.zrangebyscore(self.keys.due(p), "-inf", now, start=0, num=1)
+            found = await pipe.execute()
+        return [p for p, gids in enumerate(found) if gids]
+
     async def claim(self, partition: int, limit: int, token_prefix: str) -> list[Claimed]:
-        reply = await self.scripts["claim"](
-            keys=[self.keys.due(partition)],
-            args=[
-                self.keys.trans_prefix(partition),
-                self.keys.branches_prefix(partition),
-                limit,
-                token_prefix,
-                self.lease_ms,
-            ],
+        # Two steps so that the claim script names every key it touches: peek at the
+        # due gids, then claim them (the script checks each one again).
+        gids = await self._due(self.keys.due(partition), limit)
+        if not gids:
+            return []
+        tp, bp = self.keys.trans_prefix(partition), self.keys.branches_prefix(partition)
+        keys = [self.keys.due(partition)]
+        for gid in gids:
+            keys += [tp + gid, bp + gid]
+        reply = await self._batch.call(
+            self.scripts["claim"], keys, [token_prefix, self.lease_ms, *gids], writes=READ
         )
         now = int(reply[0])
         return [
@@ -136,10 +193,12 @@ class RedisStore(Store):
         ]
 
     async def sweep(self, partition: int) -> int:
-        keys = self.keys.partition_keys(partition)
-        return int(
-            await self.scripts["sweep"](keys=keys, args=[self.keys.trans_prefix(partition), 500])
-        )
+        members = await self._due(self.keys.expiry(partition), 500)
+        if not members:
+            return 0
+        prefix = self.keys.trans_prefix(partition)
+        keys = self.keys.partition_keys(partition) + [prefix + m[14:] for m in members]
+        return int(await self._batch.call(self.scripts["sweep"], keys, members, writes=READ))
 
     async def list(self, position: str, limit: int, where: ListFilter) -> Page:
         """Merge the partitions' listing indexes, newest first.
@@ -189,9 +248,10 @@ class RedisStore(Store):
         self, gid: str, branches: Sequence[Branch], *, expected: frozenset[Status], upsert: bool
     ) -> int:
         keys = self.keys.for_gid(gid)
-        reply = await self.scripts["register"](
-            keys=[keys.trans, keys.branches],
-            args=[
+        reply = await self._batch.call(
+            self.scripts["register"],
+            [keys.trans, keys.branches],
+            [
                 gid,
                 ",".join(s.value for s in expected),
                 branches_json(branches),
@@ -202,15 +262,17 @@ class RedisStore(Store):
         return int(reply[2])
 
     async def reset_due(self, partition: int, wait_ms: int, limit: int) -> tuple[int, bool]:
-        count, remaining = await self.scripts["reset_due"](
-            keys=[self.keys.due(partition)], args=[max(0, wait_ms), limit]
+        count, remaining = await self._batch.call(
+            self.scripts["reset_due"], [self.keys.due(partition)], [max(0, wait_ms), limit],
+            writes=READ,
         )
         return int(count), remaining == "1"
 
     async def change_topic(self, subscribe: bool, topic: str, url: str, remark: str) -> None:
-        reply = await self.scripts["topic"](
-            keys=[self.keys.kv("topics")],
-            args=["subscribe" if subscribe else "unsubscribe", topic, url, remark],
+        reply = await self._batch.call(
+            self.scripts["topic"],
+            [self.keys.kv("topics")],
+            ["subscribe" if subscribe else "unsubscribe", topic, url, remark],
         )
         if reply[0] == "EXISTS":
             raise AlreadyExists(topic, f"url {url} is already subscribed")
@@ -228,3 +290,7 @@ class RedisStore(Store):
 
     async def delete_topic(self, topic: str) -> bool:
         return bool(await self.client.hdel(self.keys.kv("topics"), topic))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
