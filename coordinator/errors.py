@@ -77,6 +77,10 @@ def raise_for_reply(code: str, gid: str, detail: str, wanted: str) -> None:
         raise StatusConflict(gid, detail, wanted)
     if code == "EXISTS":
         raise AlreadyExists(gid, detail)
+    if code == "DUPLICATE":
+        raise TransactionFailure(
+            f"branch {detail} of {gid} is already recorded; the first record is kept"
+        )
     if code == "LEASE_LOST":
         raise LeaseLost(f"lease on {gid} is held by another worker")
     raise CoordinatorError(f"unexpected store reply {code!r} for {gid}")

@@ -23,6 +23,7 @@ from coordinator.errors import (
     AlreadyExists,
     BadRequest,
     NotFound,
+    StatusConflict,
     TransactionFailure,
     TransactionOngoing,
 )
@@ -186,7 +187,12 @@ class Service:
 
     async def reset_next_cron_time(self, body: bytes | Mapping[str, Any]) -> None:
         gid, _ = parse_gid_only(body)
-        await self.store.transition(gid, Transition(expected=UNFINISHED, next_due_ms=0))
+        try:
+            await self.store.transition(gid, Transition(expected=UNFINISHED, next_due_ms=0))
+        except StatusConflict as exc:
+            # dtm answers SUCCESS for a finished one: there is nothing left to bring forward.
+            if exc.found not in {s.value for s in FINISHED}:
+                raise
 
     # -- run-time branches ------------------------------------------------------------------
 
@@ -194,7 +200,7 @@ class Service:
         data = parse_register(body)
         gid, bid, kind = data["gid"], data["branch_id"], data["trans_type"]
         payload = data.get("data", "")
-        upsert = False
+        unique = False
         if kind == "tcc":
             branches = [Branch(bid, Op.CANCEL, data.get("cancel", ""), data=payload),
                         Branch(bid, Op.CONFIRM, data.get("confirm", ""), data=payload)]
@@ -208,9 +214,9 @@ class Service:
             except ValueError:
                 raise BadRequest("workflow branches need a valid op and status", "op") from None
             branches = [Branch(bid, op, "", status=status, data=payload)]
-            upsert = True
+            unique = True
         try:
-            await self.store.register_branches(gid, branches, expected=PREPARED, upsert=upsert)
+            await self.store.register_branches(gid, branches, expected=PREPARED, unique=unique)
         except NotFound:
             # dtm answers FAILURE here, and clients rely on it to stop the global work.
             raise TransactionFailure(f"no prepared transaction with gid '{gid}'") from None

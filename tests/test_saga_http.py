@@ -228,17 +228,35 @@ async def test_retry_limit_exhausted_rolls_back(api: Api, participant: Participa
     gid = "retry-limit"
     participant.plan("a2", ERROR)
     body = saga(gid, [step(participant, "1"), step(participant, "2")],
-                retry_interval=1, retry_limit=2)
-    status, _ = await api.post("submit", body)
-    assert status == 200
-    await api.wait_status(gid, "failed", timeout=15)
+                retry_interval=30, retry_limit=2, wait_result=True)
+    started = time.monotonic()
+    status, reply = await api.post("submit", body)
+    # One attempt plus retry_limit retries at once (not retry_interval apart), then
+    # compensation in reverse order, all within the wait_result request.
+    assert status == 409, reply
+    assert time.monotonic() - started < 5
+    assert reply["message"] == "RetryCount is greater than RetryLimit, RetryLimit: 2"
     calls = calls_of(participant, gid)
-    # One attempt plus retry_limit retries, then compensation in reverse order.
     assert paths(calls) == ["/a1", "/a2", "/a2", "/a2", "/c2", "/c1"]
     trans = (await api.query(gid))["transaction"]
-    assert "retry limit" in trans["rollback_reason"]
+    assert trans["status"] == "failed"
+    assert trans["rollback_reason"] == "RetryCount is greater than RetryLimit, RetryLimit: 2"
     await quiet_for(1.2)
     assert len(calls_of(participant, gid)) == 6
+
+
+async def test_retry_within_the_limit_answers_wait_result_with_success(
+    api: Api, participant: Participant
+) -> None:
+    gid = "retry-limit-ok"
+    participant.plan("a1", ERROR, ONGOING, OK)
+    body = saga(gid, [step(participant, "1")], retry_interval=30, retry_limit=3,
+                wait_result=True)
+    status, reply = await api.post("submit", body)
+    assert (status, reply) == (200, {"dtm_result": "SUCCESS"})
+    assert paths(calls_of(participant, gid)) == ["/a1"] * 3
+    trans = (await api.query(gid))["transaction"]
+    assert (trans["status"], trans["retry_count"]) == ("succeed", 2)
 
 
 async def test_timeout_to_fail_aborts_a_saga_stuck_ongoing(
@@ -414,9 +432,11 @@ async def test_reset_next_cron_time_brings_a_retry_forward(
     calls = calls_of(participant, gid)
     assert len(calls) == 2
     assert calls[1].started - reset_at < 3.0
-    # A finished transaction has nothing to bring forward.
-    status, _ = await api.post("resetNextCronTime", {"gid": gid})
-    assert status == 409
+    # A finished transaction has nothing to bring forward: dtm answers SUCCESS.
+    status, reply = await api.post("resetNextCronTime", {"gid": gid})
+    assert (status, reply) == (200, {"dtm_result": "SUCCESS"})
+    status, _ = await api.post("resetNextCronTime", {"gid": "reset-cron-unknown"})
+    assert status == 404
 
 
 async def test_empty_urls_succeed_without_a_call_and_old_data_form(

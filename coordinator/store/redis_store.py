@@ -186,7 +186,7 @@ class RedisStore(Store):
         return Page(found, cursor)
 
     async def register_branches(
-        self, gid: str, branches: Sequence[Branch], *, expected: frozenset[Status], upsert: bool
+        self, gid: str, branches: Sequence[Branch], *, expected: frozenset[Status], unique: bool
     ) -> int:
         keys = self.keys.for_gid(gid)
         reply = await self.scripts["register"](
@@ -195,7 +195,7 @@ class RedisStore(Store):
                 gid,
                 ",".join(s.value for s in expected),
                 branches_json(branches),
-                "upsert" if upsert else "insert",
+                "unique" if unique else "insert",
             ],
         )
         raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", "register a branch")
