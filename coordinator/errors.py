@@ -53,10 +53,11 @@ class StatusConflict(TransactionFailure):
 class AlreadyExists(CoordinatorError):
     """A create found the gid taken; `status` is the existing transaction's."""
 
-    def __init__(self, gid: str, status: str) -> None:
+    def __init__(self, gid: str, status: str, fingerprint: str = "") -> None:
         super().__init__(f"transaction {gid} already exists with status '{status}'")
         self.gid = gid
         self.status = status
+        self.fingerprint = fingerprint  # of the stored content ("" if none was kept)
 
 
 class LeaseLost(CoordinatorError):

@@ -86,6 +86,8 @@ class RedisStore(Store):
     ) -> int:
         keys, args = self.create_call(trans, due_in_ms=due_in_ms, owner=owner, lease_ms=lease_ms)
         reply = await self._batch.call(self.scripts["create"], keys, args)
+        if reply[0] == "EXISTS":
+            raise AlreadyExists(trans.gid, reply[1], reply[2] if len(reply) > 2 else "")
         raise_for_reply(reply[0], trans.gid, reply[1], "create")
         return int(reply[1])
 
