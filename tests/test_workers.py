@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -19,10 +20,8 @@ from tests.support import ROOT, free_port
 def children_of(pid: int) -> set[int]:
     out: set[int] = set()
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
+        with contextlib.suppress(OSError):
             out.update(int(c) for c in (task / "children").read_text().split())
-        except OSError:
-            pass
     return out
 
 

@@ -18,7 +18,7 @@ from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from coordinator.engine.caller import BranchCaller
-from coordinator.errors import LeaseLost, NotFound, StatusConflict
+from coordinator.errors import LeaseLost, NotFound, StatusConflict, StoreUnavailable
 from coordinator.machines.base import (
     SUCCESS,
     Defaults,
@@ -132,12 +132,21 @@ class Engine:
     # -- claiming -------------------------------------------------------------------------
 
     async def _poll_loop(self) -> None:
+        outage = False
         while not self._stopping.is_set():
             claimed = 0
             try:
                 claimed = await self.poll_once()
-            except Exception:  # Redis away: keep trying, the work is safe in Redis
+            except StoreUnavailable as exc:  # keep trying: the work is safe in Redis
+                if not outage:
+                    log.warning("claiming paused: %s", exc)
+                outage = True
+            except Exception:
                 log.exception("claiming due transactions failed")
+            else:
+                if outage:
+                    log.warning("claiming resumed: Redis answers again")
+                outage = False
             if claimed == 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval)
@@ -167,6 +176,8 @@ class Engine:
             try:
                 for partition in range(self.store.partitions):
                     await self.store.sweep(partition)
+            except StoreUnavailable:
+                pass  # the claim loop reports the outage
             except Exception:
                 log.exception("sweeping expired index entries failed")
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from coordinator.errors import AlreadyExists, NotFound, raise_for_reply
+from coordinator.errors import AlreadyExists, NotFound, StoreUnavailable, raise_for_reply
 from coordinator.keys import KeySpace
 from coordinator.model import Branch, Status, Trans
 from coordinator.store.base import (
@@ -24,6 +30,34 @@ from coordinator.store.base import (
 from coordinator.store.batch import ScriptBatcher
 from coordinator.store.codec import branches_json, pairs_to_dict, trans_fields, trans_from_hash
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# A pooled connection that went stale (Redis restarted, a proxy dropped it) fails its
+# next use; these errors are retried on a fresh connection with back-off, and only when
+# Redis stays away do they reach the caller, as StoreUnavailable (HTTP 503).
+RETRIED_ERRORS: tuple[type[RedisError], ...] = (RedisConnectionError, RedisTimeoutError)
+RETRIES = 5  # waits of 0.05, 0.1, 0.2, 0.4, 0.5 s: about 1.3 s before giving up
+# Idle connections are pinged before use after this many seconds.
+HEALTH_CHECK_INTERVAL = 10
+
+
+def _retry_policy() -> Retry:
+    return Retry(ExponentialBackoff(cap=0.5, base=0.025), RETRIES, RETRIED_ERRORS)
+
+
+def _unavailable_as_503(
+    method: Callable[P, Awaitable[R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except RETRIED_ERRORS as exc:
+            raise StoreUnavailable(f"Redis is unavailable ({exc}); retry later") from exc
+
+    return wrapper
 
 
 class RedisStore(Store):
@@ -53,9 +87,19 @@ class RedisStore(Store):
 
     @classmethod
     def from_url(cls, url: str, keys: KeySpace, **kwargs: Any) -> RedisStore:
-        client = aioredis.Redis.from_url(url, decode_responses=True, max_connections=512)
+        client = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            max_connections=512,
+            retry=_retry_policy(),
+            retry_on_error=list(RETRIED_ERRORS),
+            health_check_interval=HEALTH_CHECK_INTERVAL,
+            socket_keepalive=True,
+            socket_connect_timeout=5,
+        )
         return cls(client, keys, **kwargs)
 
+    @_unavailable_as_503
     async def start(self) -> None:
         for script in self.scripts.values():
             await self.client.script_load(script.script)
@@ -63,6 +107,7 @@ class RedisStore(Store):
     async def close(self) -> None:
         await self.client.aclose()
 
+    @_unavailable_as_503
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
@@ -81,6 +126,7 @@ class RedisStore(Store):
             lease_ms or self.lease_ms,
         ]
 
+    @_unavailable_as_503
     async def create(
         self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
     ) -> int:
@@ -106,6 +152,7 @@ class RedisStore(Store):
             self.finished_ttl_s,
         ]
 
+    @_unavailable_as_503
     async def transition(self, gid: str, change: Transition) -> TransitionResult:
         keys, args = self.transition_call(gid, change)
         reply = await self._batch.call(self.scripts["transition"], keys, args)
@@ -113,6 +160,7 @@ class RedisStore(Store):
         raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", wanted)
         return TransitionResult(Status(reply[1]), int(reply[2]), reply[3] == "1")
 
+    @_unavailable_as_503
     async def load(self, gid: str) -> Trans | None:
         keys = self.keys.for_gid(gid)
         fields, branches = await self.scripts["load"](keys=[keys.trans, keys.branches])
@@ -120,6 +168,7 @@ class RedisStore(Store):
             return None
         return trans_from_hash(pairs_to_dict(fields), pairs_to_dict(branches))
 
+    @_unavailable_as_503
     async def claim(self, partition: int, limit: int, token_prefix: str) -> list[Claimed]:
         reply = await self.scripts["claim"](
             keys=[self.keys.due(partition)],
@@ -137,12 +186,14 @@ class RedisStore(Store):
             for _gid, token, f, b in reply[1:]
         ]
 
+    @_unavailable_as_503
     async def sweep(self, partition: int) -> int:
         keys = self.keys.partition_keys(partition)
         return int(
             await self.scripts["sweep"](keys=keys, args=[self.keys.trans_prefix(partition), 500])
         )
 
+    @_unavailable_as_503
     async def list(self, position: str, limit: int, where: ListFilter) -> Page:
         """Merge the partitions' listing indexes, newest first.
 
@@ -187,6 +238,7 @@ class RedisStore(Store):
             upper = "(" + cursor
         return Page(found, cursor)
 
+    @_unavailable_as_503
     async def register_branches(
         self, gid: str, branches: Sequence[Branch], *, expected: frozenset[Status], unique: bool
     ) -> int:
@@ -203,12 +255,14 @@ class RedisStore(Store):
         raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", "register a branch")
         return int(reply[2])
 
+    @_unavailable_as_503
     async def reset_due(self, partition: int, wait_ms: int, limit: int) -> tuple[int, bool]:
         count, remaining = await self.scripts["reset_due"](
             keys=[self.keys.due(partition)], args=[max(0, wait_ms), limit]
         )
         return int(count), remaining == "1"
 
+    @_unavailable_as_503
     async def change_topic(self, subscribe: bool, topic: str, url: str, remark: str) -> None:
         reply = await self.scripts["topic"](
             keys=[self.keys.kv("topics")],
@@ -219,6 +273,7 @@ class RedisStore(Store):
         if reply[0] == "NOT_FOUND":
             raise NotFound(f"topic {topic!r} has no subscriber {url!r}")
 
+    @_unavailable_as_503
     async def topics(self) -> dict[str, Topic]:
         raw = await self.client.hgetall(self.keys.kv("topics"))
         out: dict[str, Topic] = {}
@@ -228,5 +283,6 @@ class RedisStore(Store):
             out[topic] = Topic(topic, orjson.loads(rec["v"]), int(rec["version"]))
         return out
 
+    @_unavailable_as_503
     async def delete_topic(self, topic: str) -> bool:
         return bool(await self.client.hdel(self.keys.kv("topics"), topic))
