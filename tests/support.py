@@ -154,6 +154,7 @@ class CoordinatorProcess:
         self.port = free_port()
         self.env = {k: str(v) for k, v in env.items()}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_level = "WARNING"  # set before start() to see more of its log
         logs = Path(tempfile.gettempdir())
         self.log_path = logs / f"coordinator-{prefix}-{self.port}.log"
 
@@ -178,7 +179,7 @@ class CoordinatorProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coordinator", "serve", "--port", str(self.port),
-             "--redis-url", self.redis_url, "--log-level", "WARNING"],
+             "--redis-url", self.redis_url, "--log-level", self.log_level],
             cwd=ROOT,
             env=env,
             stdout=log,

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
+from coordinator.engine.branch_log import BranchLog
 from coordinator.engine.caller import BranchCaller
 from coordinator.errors import LeaseLost, NotFound, StatusConflict, StoreUnavailable
 from coordinator.machines.base import (
@@ -30,7 +31,7 @@ from coordinator.machines.base import (
     deadline_ms,
     next_interval,
 )
-from coordinator.model import FINISHED, BranchStatus, Status, Trans, evolve
+from coordinator.model import FINISHED, Branch, BranchStatus, Status, Trans, evolve
 from coordinator.settings import EngineSettings
 from coordinator.store.base import Store, Transition
 
@@ -58,6 +59,7 @@ class Engine:
         self._stopped_future: asyncio.Future[None] | None = None
         self._next_partition = 0
         self.stats = {"claimed": 0, "finished": 0, "branch_calls": 0, "conflicts": 0}
+        self.branch_log = BranchLog()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -282,6 +284,7 @@ class Run:
     async def _call(self, plan: Plan) -> bool:
         """Run one round of branch calls; False when this run is over."""
         local = [b for b in plan.calls if not b.url]
+        durations: dict[str, float] = {}
         if local:
             # Empty URLs succeed without a call; record them with the next write.
             outcomes: dict[str, Outcome] = {b.key: SUCCESS for b in local}
@@ -299,7 +302,7 @@ class Run:
                     return written is Written.RELOADED
             self.engine.stats["branch_calls"] += len(plan.calls)
             results = await asyncio.gather(
-                *(self.engine.caller.call(self.trans, b) for b in plan.calls),
+                *(self._timed_call(b, durations) for b in plan.calls),
                 return_exceptions=True,
             )
             # The caller maps every expected failure to an outcome; anything it missed
@@ -319,6 +322,7 @@ class Run:
         if "retry_count" in verdict.fields:
             self.trans = evolve(self.trans, retry_count=int(verdict.fields["retry_count"]))
         if verdict.new_status is not None:
+            self._report(plan, outcomes, durations, None)
             return await self._move(verdict.new_status, verdict.reason)
         if verdict.retry is not Retry.NONE:
             interval = next_interval(self.trans, verdict.retry, self.defaults)
@@ -330,13 +334,34 @@ class Run:
             if (self.trans.trans_type == "saga" and self.trans.status is Status.SUBMITTED
                     and deadline is not None):
                 due = min(due, max(deadline, self.now()))
+            self._report(plan, outcomes, durations, max(0, due - self.now()) / 1000)
             return await self._release(due) is Written.RELOADED
+        self._report(plan, outcomes, durations, 0)
         # A success resets the back-off: with 0 the next error waits the base interval
         # again (see next_interval); resetting to the base made it wait twice that.
         if self.trans.next_cron_interval:
             self.pending_fields["next_cron_interval"] = "0"
             self.trans = evolve(self.trans, next_cron_interval=0)
         return True
+
+    async def _timed_call(self, branch: Branch, durations: dict[str, float]) -> Outcome:
+        started = time.monotonic()
+        try:
+            return await self.engine.caller.call(self.trans, branch)
+        finally:
+            durations[branch.key] = time.monotonic() - started
+
+    def _report(
+        self, plan: Plan, outcomes: Mapping[str, Outcome], durations: Mapping[str, float],
+        next_retry_s: float | None,
+    ) -> None:
+        """Log the round's outcomes that are not a success (see branch_log.py)."""
+        for branch in plan.calls:
+            outcome = outcomes.get(branch.key, SUCCESS)
+            if outcome.kind is not OutcomeKind.SUCCESS:
+                self.engine.branch_log.report(
+                    self.trans, branch, outcome, durations.get(branch.key, 0.0), next_retry_s
+                )
 
     async def _move(self, status: Status, reason: str) -> bool:
         """Change the global status; True when this run should plan again."""

@@ -27,6 +27,7 @@ class OutcomeKind(enum.StrEnum):
 class Outcome:
     kind: OutcomeKind
     message: str = ""
+    status: int = 0  # the HTTP status, when there was an answer (for logs)
 
 
 SUCCESS = Outcome(OutcomeKind.SUCCESS)
