@@ -125,3 +125,29 @@ async def test_json_rpc_refuses_a_reused_gid(
     reused = await rpc({**body, "payloads": ["{}"]})
     assert reused["error"]["code"] == -32901
     assert "reused with other content" in reused["error"]["message"]
+
+
+async def test_resend_to_another_coordinator_after_a_crash_reports_the_rollback(
+    redis_url: str, prefix: str, session: aiohttp.ClientSession, participant: Participant
+) -> None:
+    # The client's first coordinator dies mid-saga; it resends to another one, which
+    # must not answer SUCCESS while the saga is in fact going to roll back.
+    env = {"COORDINATOR_ENGINE_LEASE_SECONDS": "3", "COORDINATOR_ENGINE_REQUEST_TIMEOUT": "1"}
+    first = await CoordinatorProcess(redis_url, prefix, **env).start()
+    second = await CoordinatorProcess(redis_url, prefix, **env).start()
+    try:
+        gid = new_gid("resend-crash")
+        participant.plan_for(gid, "a2", FAIL)
+        participant.delay_for(gid, "a2", 0.5)
+        body = saga_body(gid, participant, 2, request_timeout=1)
+        assert (await Api(session, first.api).post("submit", body))[0] == 200
+        await asyncio.sleep(0.3)  # a2 is being called
+        first.kill()
+        status, reply = await Api(session, second.api).post(
+            "submit", {**body, "wait_result": True})
+        assert status == 409, reply
+        assert "business refused" in reply["message"]
+        assert await Api(session, second.api).status(gid) == "failed"
+    finally:
+        first.kill()
+        await second.aclose()
