@@ -94,7 +94,6 @@ class RedisStore(Store):
             retry=_retry_policy(),
             retry_on_error=list(RETRIED_ERRORS),
             health_check_interval=HEALTH_CHECK_INTERVAL,
-            socket_keepalive=True,
             socket_connect_timeout=5,
         )
         return cls(client, keys, **kwargs)
