@@ -52,7 +52,7 @@ def serve(settings: Settings) -> None:
     from aiohttp import web
 
     from coordinator.api.app import create_app
-    from coordinator.workers import follow_parent
+    from coordinator.lifeline import follow_parent
 
     follow_parent(settings.engine.shutdown_grace)
     _install_uvloop()

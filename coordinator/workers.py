@@ -6,34 +6,20 @@ separate machines would. Without a configured Redis the parent starts the privat
 redis-server once and hands its URL to every child.
 
 Children must not outlive the parent, however it dies (kill -9 included): orphans would
-go on serving the port that an operator believes closed. On Linux the kernel sends each
-child SIGTERM when the parent dies (PR_SET_PDEATHSIG, set between fork and exec); a
-watchdog thread in the child checks the parent pid as well, sends the SIGTERM itself
-where prctl is unavailable, and ends the process outright if the graceful stop hangs.
+go on serving the port that an operator believes closed (see lifeline.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import logging
 import os
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 from coordinator.embedded_redis import EmbeddedRedis
+from coordinator.lifeline import PARENT_PID_ENV, die_with_parent
 from coordinator.settings import Settings
-
-log = logging.getLogger("coordinator.workers")
-
-# Tells a child which process is its supervisor (not a setting: set by the parent only).
-PARENT_PID_ENV = "_COORDINATOR_SUPERVISOR_PID"
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-WATCH_INTERVAL = 0.5
 
 
 def serve_workers(settings: Settings) -> int:
@@ -58,7 +44,7 @@ async def _supervise(settings: Settings) -> int:
     children = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-m", "coordinator", "serve", *_passthrough_args(), env=env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         for _ in range(settings.server.workers)
     ]
@@ -87,53 +73,6 @@ async def _supervise(settings: Settings) -> int:
         if embedded is not None:
             await embedded.stop()
     return max((abs(c.returncode or 0) for c in children), default=0)
-
-
-def _set_parent_death_signal() -> bool:
-    """Ask the kernel for SIGTERM when the parent dies; False where that is unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec; the setting survives the exec.
-    _set_parent_death_signal()
-
-
-def follow_parent(grace: float) -> None:
-    """In a child of `serve --workers`: stop when the supervisor is gone.
-
-    Does nothing in a process that was not started by the supervisor.
-    """
-    raw = os.environ.get(PARENT_PID_ENV)
-    if not raw or not raw.isdigit():
-        return
-    parent = int(raw)
-    by_kernel = _set_parent_death_signal()
-    if os.getppid() != parent:  # died before the death signal was armed
-        log.warning("the supervisor (pid %d) is gone; exiting", parent)
-        sys.exit(1)
-    threading.Thread(
-        target=_watch_parent, args=(parent, by_kernel, grace),
-        name="coordinator-parent-watch", daemon=True,
-    ).start()
-
-
-def _watch_parent(parent: int, by_kernel: bool, grace: float) -> None:
-    while os.getppid() == parent:
-        time.sleep(WATCH_INTERVAL)
-    log.warning("the supervisor (pid %d) died; stopping this worker", parent)
-    if not by_kernel:  # the kernel has sent SIGTERM already otherwise: only once
-        with contextlib.suppress(OSError):
-            os.kill(os.getpid(), signal.SIGTERM)
-    # The graceful stop keeps to the grace period; if it hangs, end the process anyway.
-    time.sleep(grace + 5)
-    os._exit(1)
 
 
 def _passthrough_args() -> list[str]:
