@@ -259,6 +259,32 @@ async def test_retry_within_the_limit_answers_wait_result_with_success(
     assert (trans["status"], trans["retry_count"]) == ("succeed", 2)
 
 
+async def test_retries_at_once_stop_after_one_rounds_time_budget(
+    api: Api, participant: Participant
+) -> None:
+    # A huge retry_limit on a branch that errs at once must not spin a worker: like
+    # dtm, retries run at once for request_timeout + 2 s, then wait the retry interval.
+    gid = "retry-burst"
+    participant.plan("a1", ERROR)
+    status, _ = await api.post("submit", saga(
+        gid, [step(participant, "1")], retry_interval=30, retry_limit=1_000_000,
+        request_timeout=1))
+    assert status == 200
+
+    async def released() -> bool:
+        trans = (await api.query(gid))["transaction"]
+        return "owner" not in trans and bool(trans.get("next_cron_interval"))
+
+    await wait_for(released, 10, what="the burst to end")
+    calls = calls_of(participant, gid)
+    assert_between(calls[-1].started - calls[0].started, 2.5, 4.5, "the burst")
+    await quiet_for(1.0)
+    assert len(calls_of(participant, gid)) == len(calls)
+    trans = (await api.query(gid))["transaction"]
+    assert trans["status"] == "submitted"
+    assert trans["retry_count"] == len(calls) - 1
+
+
 async def test_timeout_to_fail_aborts_a_saga_stuck_ongoing(
     api: Api, participant: Participant
 ) -> None:

@@ -341,6 +341,7 @@ def test_retry_limit_retries_at_once_then_aborts_with_dtms_reason() -> None:
     assert verdicts[-1].reason == "RetryCount is greater than RetryLimit, RetryLimit: 2"
     # Within the limit the retry is due now (same round), not after an interval.
     assert verdicts[0].retry is Retry.NONE
+    assert verdicts[0].retry_at_once
     assert MACHINE.plan(trans, T0, DEFAULTS).calls[0].key == "01:action"
 
 

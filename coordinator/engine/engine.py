@@ -28,6 +28,7 @@ from coordinator.machines.base import (
     OutcomeKind,
     Plan,
     Retry,
+    Verdict,
     deadline_ms,
     next_interval,
 )
@@ -255,6 +256,7 @@ class Run:
         self._lease_until = leased_at + engine.lease_ms / 1000
         self.pending: dict[str, BranchStatus] = {}
         self.pending_fields: dict[str, str] = {}
+        self._burst_started: float | None = None  # of the current at-once retries
 
     def now(self) -> int:
         base_ms, base_mono = self._clock_base
@@ -285,6 +287,7 @@ class Run:
         """Run one round of branch calls; False when this run is over."""
         local = [b for b in plan.calls if not b.url]
         durations: dict[str, float] = {}
+        started = time.monotonic()
         if local:
             # Empty URLs succeed without a call; record them with the next write.
             outcomes: dict[str, Outcome] = {b.key: SUCCESS for b in local}
@@ -324,8 +327,9 @@ class Run:
         if verdict.new_status is not None:
             self._report(plan, outcomes, durations, None)
             return await self._move(verdict.new_status, verdict.reason)
-        if verdict.retry is not Retry.NONE:
-            interval = next_interval(self.trans, verdict.retry, self.defaults)
+        retry = self._bound_burst(verdict, started)
+        if retry is not Retry.NONE:
+            interval = next_interval(self.trans, retry, self.defaults)
             self.pending_fields["next_cron_interval"] = str(interval)
             due = self.now() + interval * 1000
             deadline = deadline_ms(self.trans, self.defaults)
@@ -343,6 +347,24 @@ class Run:
             self.pending_fields["next_cron_interval"] = "0"
             self.trans = evolve(self.trans, next_cron_interval=0)
         return True
+
+    def _bound_burst(self, verdict: Verdict, round_started: float) -> Retry:
+        """The retry to schedule; at-once retries end after one round's time budget.
+
+        Like dtm, which retries at once only within request_timeout + 2 s of processing,
+        so a huge retry_limit on a branch that fails fast cannot spin a worker: the
+        rest of the retries wait the retry interval, a burst at a time.
+        """
+        if not verdict.retry_at_once:
+            self._burst_started = None
+            return verdict.retry
+        if self._burst_started is None:
+            self._burst_started = round_started
+        budget = (self.trans.options.request_timeout or self.defaults.request_timeout) + 2
+        if time.monotonic() - self._burst_started < budget:
+            return Retry.NONE
+        self._burst_started = None
+        return Retry.KEEP
 
     async def _timed_call(self, branch: Branch, durations: dict[str, float]) -> Outcome:
         started = time.monotonic()

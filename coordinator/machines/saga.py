@@ -203,5 +203,6 @@ class SagaMachine:
                 return Verdict(updates, Status.ABORTING, reason, Retry.NONE,
                                {"retry_count": str(limit)})
             count = str(trans.retry_count + actions_pending)
-            return Verdict(updates, None, "", Retry.NONE, {"retry_count": count})
+            return Verdict(updates, None, "", Retry.NONE, {"retry_count": count},
+                           retry_at_once=True)
         return Verdict(updates, None, "", retry)
