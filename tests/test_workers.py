@@ -81,3 +81,49 @@ def test_children_exit_when_the_parent_is_killed(redis_url: str, prefix: str) ->
             if alive(child):
                 os.kill(child, signal.SIGKILL)
         log.unlink(missing_ok=True)
+
+
+CHILD = """
+import signal, sys, time
+from pathlib import Path
+import coordinator.lifeline as lifeline
+lifeline._set_parent_death_signal = lambda: False  # as where prctl is unavailable
+# A stop that hangs: SIGTERM is noted and then ignored.
+signal.signal(signal.SIGTERM, lambda *_: Path(sys.argv[1]).write_text("term"))
+lifeline.follow_parent(0.0)
+Path(sys.argv[1] + ".ready").write_text("")
+time.sleep(60)
+"""
+
+PARENT = """
+import os, subprocess, sys, time
+env = dict(os.environ, _COORDINATOR_SUPERVISOR_PID=str(os.getpid()))
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=env)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_watchdog_signals_and_then_ends_a_hung_child(tmp_path: Path) -> None:
+    mark = tmp_path / "mark"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, CHILD, str(mark)], cwd=ROOT, stdout=subprocess.PIPE,
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        assert wait(lambda: Path(str(mark) + ".ready").exists(), 10)
+        parent.kill()
+        parent.wait(5)
+        # Without the kernel's help the watchdog sends SIGTERM itself...
+        assert wait(mark.exists, 3), "no SIGTERM from the watchdog"
+        # ...and ends the process when the stop hangs past the grace period (0 + 5 s).
+        assert wait(lambda: not alive(child), 8), "the hung child was not ended"
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdout.close()
