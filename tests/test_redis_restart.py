@@ -6,6 +6,7 @@ it and starts it again on the same port and data directory.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import tempfile
@@ -18,7 +19,7 @@ import pytest
 import redis
 
 from tests.conftest import require_service
-from tests.support import Api, CoordinatorProcess, free_port
+from tests.support import Api, CoordinatorProcess, Participant, free_port, saga_body
 
 
 class RedisServer:
@@ -66,9 +67,12 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 async def test_redis_down_is_503_and_stale_connections_recover(
-    own_redis: RedisServer, session: aiohttp.ClientSession
+    own_redis: RedisServer, session: aiohttp.ClientSession, participant: Participant
 ) -> None:
-    coordinator = await CoordinatorProcess(own_redis.url, "restart").start()
+    coordinator = await CoordinatorProcess(
+        own_redis.url, "restart", COORDINATOR_ENGINE_LEASE_SECONDS=3,
+        COORDINATOR_ENGINE_REQUEST_TIMEOUT=1,
+    ).start()
     try:
         api = Api(session, coordinator.api)
         empty = {"action": "", "compensate": ""}
@@ -78,6 +82,10 @@ async def test_redis_down_is_503_and_stale_connections_recover(
         # Several pooled connections, all of which go stale at the restart.
         for _ in range(3):
             assert await api.status("before") == "succeed"
+        # One saga is calling its branch when Redis goes away: it cannot write the result.
+        participant.delay_for("in-flight", "a1", 0.6)
+        assert (await api.post("submit", saga_body("in-flight", participant, 1)))[0] == 200
+        await asyncio.sleep(0.3)
 
         own_redis.stop()
         async with session.get(f"{coordinator.api}/query", params={"gid": "before"}) as r:
@@ -93,8 +101,11 @@ async def test_redis_down_is_503_and_stale_connections_recover(
         assert await api.status("before") == "succeed"
         assert (await api.post("submit", {**body, "gid": "after"}))[0] == 200
         assert await api.status("after") == "succeed"
+        # The saga whose write failed is taken up again once its lease has run out.
+        await api.wait_status("in-flight", "succeed", timeout=15)
         log = coordinator.log_tail(200)
         assert "Traceback" not in log, log
         assert "claiming paused" in log
+        assert "processing in-flight paused: Redis is unavailable" in log
     finally:
         await coordinator.aclose()

@@ -191,6 +191,10 @@ class Engine:
             return await Run(self, trans, token, now_ms, leased_at).drive()
         except asyncio.CancelledError:
             raise
+        except StoreUnavailable as exc:  # no traceback per transaction during an outage
+            log.warning("processing %s paused: %s; it is retried when its lease ends",
+                        trans.gid, exc, extra={"gid": trans.gid, "trans_type": trans.trans_type})
+            return trans
         except Exception:
             log.exception("processing %s failed; it is retried when its lease ends", trans.gid)
             return trans
