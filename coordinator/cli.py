@@ -71,7 +71,9 @@ def serve(settings: Settings) -> None:
     from aiohttp import web
 
     from coordinator.api.app import create_app
+    from coordinator.lifeline import follow_parent
 
+    follow_parent(settings.engine.shutdown_grace)
     _install_uvloop()
     # The port and the Redis URL are checked before anything starts or claims to be ready.
     sockets = asyncio.run(prepare(settings, reuse_port=settings.server.reuse_port))

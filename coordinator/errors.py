@@ -53,10 +53,11 @@ class StatusConflict(TransactionFailure):
 class AlreadyExists(CoordinatorError):
     """A create found the gid taken; `status` is the existing transaction's."""
 
-    def __init__(self, gid: str, status: str) -> None:
+    def __init__(self, gid: str, status: str, fingerprint: str = "") -> None:
         super().__init__(f"transaction {gid} already exists with status '{status}'")
         self.gid = gid
         self.status = status
+        self.fingerprint = fingerprint  # of the stored content ("" if none was kept)
 
 
 class LeaseLost(CoordinatorError):
@@ -77,6 +78,10 @@ def raise_for_reply(code: str, gid: str, detail: str, wanted: str) -> None:
         raise StatusConflict(gid, detail, wanted)
     if code == "EXISTS":
         raise AlreadyExists(gid, detail)
+    if code == "DUPLICATE":
+        raise TransactionFailure(
+            f"branch {detail} of {gid} is already recorded; the first record is kept"
+        )
     if code == "LEASE_LOST":
         raise LeaseLost(f"lease on {gid} is held by another worker")
     raise CoordinatorError(f"unexpected store reply {code!r} for {gid}")

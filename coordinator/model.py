@@ -126,6 +126,9 @@ class Trans:
     next_cron_time: int = 0
     retry_count: int = 0
     owner: str = ""
+    # Digest of what the client sent (see coordinator/fingerprint.py), kept so that a
+    # repeated submit can be told from a gid reused for other content.
+    fingerprint: str = ""
 
     def with_branches(self, updates: dict[str, BranchStatus]) -> Trans:
         """A copy with some branch statuses changed (keys are `Branch.key`)."""

@@ -22,9 +22,11 @@ from coordinator.errors import (
     AlreadyExists,
     BadRequest,
     NotFound,
+    StatusConflict,
     TransactionFailure,
     TransactionOngoing,
 )
+from coordinator.fingerprint import fingerprint
 from coordinator.machines import msg
 from coordinator.machines.base import timeout_of
 from coordinator.model import FINISHED, UNFINISHED, Branch, BranchStatus, Op, Status, Trans
@@ -84,22 +86,42 @@ class Service:
         if trans.trans_type in ("saga", "msg") and not trans.steps:
             raise BadRequest(f"a {trans.trans_type} needs at least one step", "steps")
         trans = await self._with_branches(trans)
+        trans = replace(trans, fingerprint=fingerprint(trans))
         try:
             task = await self.engine.create_and_run(trans, due_in_ms=0)
         except AlreadyExists as exc:
-            if exc.status == Status.SUBMITTED.value:
-                # Submitting twice is harmless: the first submit already drives it.
-                return
             if exc.status != Status.PREPARED.value:
-                raise TransactionFailure(
-                    f"transaction {trans.gid} has status '{exc.status}', cannot submit"
-                ) from None
-            # A concurrent second submit may have moved it on already: still fine.
+                await self._resubmitted(trans, exc)
+                return
+            # A concurrent second submit may have moved it on already: still fine. The
+            # submit's content is what a later resubmit is compared with (a tcc/xa
+            # submit carries no steps, unlike its prepare).
             task = await self.engine.take_over(
-                trans.gid, frozenset({Status.PREPARED, Status.SUBMITTED}), Status.SUBMITTED
+                trans.gid, frozenset({Status.PREPARED, Status.SUBMITTED}), Status.SUBMITTED,
+                {"fingerprint": trans.fingerprint},
             )
         if trans.options.wait_result:
             await self._wait(trans.gid, task)
+
+    async def _resubmitted(self, trans: Trans, exc: AlreadyExists) -> None:
+        """A submit of a gid that is already past prepared: the client sent it again.
+
+        Other content under the same gid is refused. The same content is idempotent:
+        with wait_result it waits for and reports the real outcome, as the first
+        submit does (answering at once claimed success for sagas that then rolled back).
+        """
+        if exc.fingerprint and exc.fingerprint != trans.fingerprint:
+            raise TransactionFailure(
+                f"gid '{trans.gid}' (the idempotency key) was reused with other content: "
+                "its steps, payloads or options differ from the stored transaction"
+            )
+        if trans.options.wait_result:
+            await self._wait(trans.gid, None)
+            return
+        if exc.status != Status.SUBMITTED.value:
+            raise TransactionFailure(
+                f"transaction {trans.gid} has status '{exc.status}', cannot submit"
+            )
 
     async def _finish_workflow(self, trans: Trans, extra: Mapping[str, str]) -> None:
         status = extra.get("status", "")
@@ -135,6 +157,9 @@ class Service:
             )
             if task in done and not task.cancelled():
                 final = task.result()
+        else:
+            # Driven elsewhere (another process, or later by a worker of this one).
+            final = await self._watch(gid)
         if final is None or final.status not in FINISHED:
             final = await self.store.load(gid)
         if final is None:
@@ -145,6 +170,32 @@ class Service:
             raise TransactionOngoing(
                 f"transaction {gid} is {final.status.value}; it will be retried"
             )
+
+    async def _watch(self, gid: str) -> Trans | None:
+        """Follow a transaction that another run drives until that run's round is over.
+
+        Over means finished, or released by its worker with a retry scheduled for later
+        (what makes the driving run's own wait_result answer ONGOING). An owner that
+        crashed keeps it owned until its lease runs out and another worker claims it,
+        so the watch goes on until `wait_result_timeout`, never answering too early.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.server.wait_result_timeout
+        stopping = self.engine.stopping()
+        pause = 0.02
+        while True:
+            trans = await self.store.load(gid)
+            if trans is None or trans.status in FINISHED:
+                return trans
+            released = not trans.owner and trans.next_cron_time > trans.update_time
+            if released and trans.status is not Status.PREPARED:
+                return trans
+            left = deadline - loop.time()
+            if left <= 0 or stopping.done():
+                return trans
+            # Back off to keep a long watch cheap; it is one small read per pause.
+            await asyncio.wait({stopping}, timeout=min(pause, left))
+            pause = min(pause * 1.5, 0.25)
 
     async def abort(self, req: GidRequest) -> None:
         gid = req.gid
@@ -183,14 +234,19 @@ class Service:
         )
 
     async def reset_next_cron_time(self, req: GidRequest) -> None:
-        await self.store.transition(req.gid, Transition(expected=UNFINISHED, next_due_ms=0))
+        try:
+            await self.store.transition(req.gid, Transition(expected=UNFINISHED, next_due_ms=0))
+        except StatusConflict as exc:
+            # dtm answers SUCCESS for a finished one: there is nothing left to bring forward.
+            if exc.found not in {s.value for s in FINISHED}:
+                raise
 
     # -- run-time branches ------------------------------------------------------------------
 
     async def register_branch(self, req: RegisterRequest) -> None:
         gid, bid, kind = req.gid, req.branch_id, req.trans_type
         payload = req.get("data", "")
-        upsert = False
+        unique = False
         if kind == "tcc":
             branches = [Branch(bid, Op.CANCEL, req.get("cancel", ""), data=payload),
                         Branch(bid, Op.CONFIRM, req.get("confirm", ""), data=payload)]
@@ -204,9 +260,9 @@ class Service:
             except ValueError:
                 raise BadRequest("workflow branches need a valid op and status", "op") from None
             branches = [Branch(bid, op, "", status=status, data=payload)]
-            upsert = True
+            unique = True
         try:
-            await self.store.register_branches(gid, branches, expected=PREPARED, upsert=upsert)
+            await self.store.register_branches(gid, branches, expected=PREPARED, unique=unique)
         except NotFound:
             # dtm answers FAILURE here, and clients rely on it to stop the global work.
             raise TransactionFailure(f"no prepared transaction with gid '{gid}'") from None

@@ -4,6 +4,9 @@ Each child is a complete coordinator (HTTP front and engine) bound with SO_REUSE
 so the kernel spreads connections over them; they share work through Redis leases like
 separate machines would. Without a configured Redis the parent starts the private
 redis-server once and hands its URL to every child.
+
+Children must not outlive the parent, however it dies (kill -9 included): orphans would
+go on serving the port that an operator believes closed (see lifeline.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 from pathlib import Path
 
 from coordinator.embedded_redis import EmbeddedRedis
+from coordinator.lifeline import PARENT_PID_ENV, die_with_parent
 from coordinator.settings import Settings
 
 
@@ -36,9 +40,11 @@ async def _supervise(settings: Settings) -> int:
         COORDINATOR_SERVER_WORKERS="1",
         COORDINATOR_SERVER_REUSE_PORT="true",
     )
+    env[PARENT_PID_ENV] = str(os.getpid())
     children = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "coordinator", "serve", *_passthrough_args(), env=env
+            sys.executable, "-m", "coordinator", "serve", *_passthrough_args(), env=env,
+            preexec_fn=die_with_parent,
         )
         for _ in range(settings.server.workers)
     ]

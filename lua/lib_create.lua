@@ -4,9 +4,11 @@
 -- exactly the coordinator's format, atomically with its own change.
 
 local function create_transaction(K, A)
-  local existing = redis.call('HGET', K[1], 'status')
-  if existing then
-    return {'EXISTS', existing}
+  local existing = redis.call('HMGET', K[1], 'status', 'fingerprint')
+  if existing[1] then
+    -- The stored content's fingerprint lets the caller tell a repeated request from a
+    -- gid reused for other content.
+    return {'EXISTS', existing[1], existing[2] or ''}
   end
 
   local t = redis.call('TIME')

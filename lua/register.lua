@@ -6,8 +6,11 @@
 -- ARGV[2] = expected statuses, comma separated (normally "prepared")
 -- ARGV[3] = JSON list of branch objects (branch_id, op, url, status, data)
 -- ARGV[4] = "insert" (a branch already there is left as it is: a retried registration)
---           or "upsert" (a workflow step's newer result replaces the older one)
--- returns {"OK", now_ms, added}, {"NOT_FOUND"} or {"CONFLICT", current_status}
+--           or "unique" (a workflow step: a (branch_id, op) already recorded refuses the
+--           whole call and keeps the first record, as every dtm store does, so that two
+--           runs of one workflow cannot rewrite a recorded result)
+-- returns {"OK", now_ms, added}, {"NOT_FOUND"}, {"CONFLICT", current_status}
+--         or {"DUPLICATE", "branch_id:op"}
 
 --!include lib_expect.lua
 
@@ -19,15 +22,24 @@ if not status_in(ARGV[2], status) then
   return {'CONFLICT', status}
 end
 
+local branches = cjson.decode(ARGV[3])
+if ARGV[4] == 'unique' then
+  for _, b in ipairs(branches) do
+    local field = b['branch_id'] .. ':' .. b['op']
+    if redis.call('HEXISTS', KEYS[2], field) == 1 then
+      return {'DUPLICATE', field}
+    end
+  end
+end
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local snow = string.format('%d', now)
 local seq = redis.call('HLEN', KEYS[2])
 local added = 0
-for _, b in ipairs(cjson.decode(ARGV[3])) do
+for _, b in ipairs(branches) do
   local field = b['branch_id'] .. ':' .. b['op']
-  local raw = redis.call('HGET', KEYS[2], field)
-  if not raw then
+  if redis.call('HEXISTS', KEYS[2], field) == 0 then
     seq = seq + 1
     added = added + 1
     b['seq'] = seq
@@ -37,15 +49,6 @@ for _, b in ipairs(cjson.decode(ARGV[3])) do
       b['finish_time'] = snow
     end
     redis.call('HSET', KEYS[2], field, cjson.encode(b))
-  elseif ARGV[4] == 'upsert' then
-    local old = cjson.decode(raw)
-    old['status'] = b['status']
-    old['data'] = b['data']
-    old['update_time'] = snow
-    if b['status'] ~= 'prepared' then
-      old['finish_time'] = snow
-    end
-    redis.call('HSET', KEYS[2], field, cjson.encode(old))
   end
 end
 redis.call('HSET', KEYS[1], 'update_time', snow)

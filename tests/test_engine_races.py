@@ -52,7 +52,7 @@ async def claimed_tcc(store: RedisStore, gid: str) -> tuple[Engine, RecordingCal
     trans = Trans(gid=gid, trans_type="tcc", status=Status.PREPARED,
                   options=Options(timeout_to_fail=1))
     await store.create(trans, due_in_ms=0)
-    await store.register_branches(gid, tcc_branches("01"), expected=PREPARED, upsert=False)
+    await store.register_branches(gid, tcc_branches("01"), expected=PREPARED, unique=False)
     caller = RecordingCaller()
     engine = Engine(store, caller, {"tcc": TccMachine()}, EngineSettings())  # type: ignore[arg-type]
     sent = time.monotonic()
@@ -83,7 +83,7 @@ async def test_branch_registered_after_the_claim_is_cancelled_too(store: RedisSt
     _, caller, run = await claimed_tcc(store, "race-register")
     # The client registers another branch between the claim and the worker's abort.
     await store.register_branches("race-register", tcc_branches("02"), expected=PREPARED,
-                                  upsert=False)
+                                  unique=False)
     final = await run.drive()
     assert final.status is Status.FAILED
     assert caller.calls == [("02", "cancel"), ("01", "cancel")]

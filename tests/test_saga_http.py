@@ -231,17 +231,62 @@ async def test_retry_limit_exhausted_rolls_back(api: Api, participant: Participa
     gid = "retry-limit"
     participant.plan("a2", ERROR)
     body = saga(gid, [step(participant, "1"), step(participant, "2")],
-                retry_interval=1, retry_limit=2)
-    status, _ = await api.post("submit", body)
-    assert status == 200
-    await api.wait_status(gid, "failed", timeout=15)
+                retry_interval=30, retry_limit=2, wait_result=True)
+    started = time.monotonic()
+    status, reply = await api.post("submit", body)
+    # One attempt plus retry_limit retries at once (not retry_interval apart), then
+    # compensation in reverse order, all within the wait_result request.
+    assert status == 409, reply
+    assert time.monotonic() - started < 5
+    assert reply["message"] == "RetryCount is greater than RetryLimit, RetryLimit: 2"
     calls = calls_of(participant, gid)
-    # One attempt plus retry_limit retries, then compensation in reverse order.
     assert paths(calls) == ["/a1", "/a2", "/a2", "/a2", "/c2", "/c1"]
     trans = (await api.query(gid))["transaction"]
-    assert "retry limit" in trans["rollback_reason"]
+    assert trans["status"] == "failed"
+    assert trans["rollback_reason"] == "RetryCount is greater than RetryLimit, RetryLimit: 2"
     await quiet_for(1.2)
     assert len(calls_of(participant, gid)) == 6
+
+
+async def test_retry_within_the_limit_answers_wait_result_with_success(
+    api: Api, participant: Participant
+) -> None:
+    gid = "retry-limit-ok"
+    participant.plan("a1", ERROR, ONGOING, OK)
+    body = saga(gid, [step(participant, "1")], retry_interval=30, retry_limit=3,
+                wait_result=True)
+    status, reply = await api.post("submit", body)
+    assert (status, reply) == (200, {"dtm_result": "SUCCESS"})
+    assert paths(calls_of(participant, gid)) == ["/a1"] * 3
+    trans = (await api.query(gid))["transaction"]
+    assert (trans["status"], trans["retry_count"]) == ("succeed", 2)
+
+
+async def test_retries_at_once_stop_after_one_rounds_time_budget(
+    api: Api, participant: Participant
+) -> None:
+    # A huge retry_limit on a branch that errs at once must not spin a worker: like
+    # dtm, retries run at once for request_timeout + 2 s, then wait the retry interval.
+    gid = "retry-burst"
+    participant.plan("a1", ERROR)
+    status, _ = await api.post("submit", saga(
+        gid, [step(participant, "1")], retry_interval=30, retry_limit=1_000_000,
+        request_timeout=1))
+    assert status == 200
+
+    async def released() -> bool:
+        trans = (await api.query(gid))["transaction"]
+        return "owner" not in trans and bool(trans.get("next_cron_interval"))
+
+    await wait_for(released, 10, what="the burst to end")
+    calls = calls_of(participant, gid)
+    assert_between(calls[-1].started - calls[0].started, 2.5, 4.5, "the burst")
+    await quiet_for(1.0)
+    assert len(calls_of(participant, gid)) == len(calls)
+    trans = (await api.query(gid))["transaction"]
+    assert trans["status"] == "submitted"
+    # Every failed call was granted a retry; the last one is the call after the wait.
+    assert trans["retry_count"] == len(calls)
 
 
 async def test_timeout_to_fail_aborts_a_saga_stuck_ongoing(
@@ -348,7 +393,9 @@ async def test_resubmitting_a_finished_transaction_is_409(
         await api.post("submit", body)
         assert await api.status(gid) == final
         before = len(calls_of(participant, gid))
-        status, reply = await api.post("submit", body)
+        # Without wait_result dtm refuses it; with wait_result the identical resend
+        # reports the outcome like the first submit (see test_resubmit.py).
+        status, reply = await api.post("submit", {**body, "wait_result": False})
         assert status == 409, reply
         assert reply["dtm_result"] == "FAILURE"
         assert final in reply["message"]
@@ -417,9 +464,11 @@ async def test_reset_next_cron_time_brings_a_retry_forward(
     calls = calls_of(participant, gid)
     assert len(calls) == 2
     assert calls[1].started - reset_at < 3.0
-    # A finished transaction has nothing to bring forward.
-    status, _ = await api.post("resetNextCronTime", {"gid": gid})
-    assert status == 409
+    # A finished transaction has nothing to bring forward: dtm answers SUCCESS.
+    status, reply = await api.post("resetNextCronTime", {"gid": gid})
+    assert (status, reply) == (200, {"dtm_result": "SUCCESS"})
+    status, _ = await api.post("resetNextCronTime", {"gid": "reset-cron-unknown"})
+    assert status == 404
 
 
 async def test_empty_urls_succeed_without_a_call_and_old_data_form(

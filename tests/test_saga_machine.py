@@ -326,7 +326,7 @@ def test_timeout_to_fail_aborts_at_the_deadline() -> None:
     assert plan(saga(2), T0 + 10**9).new_status is None
 
 
-def test_retry_limit_aborts_after_the_limit_is_exhausted() -> None:
+def test_retry_limit_retries_at_once_then_aborts_with_dtms_reason() -> None:
     trans = saga(1, options=Options(retry_limit=2))
     verdicts = []
     for _ in range(3):
@@ -335,10 +335,22 @@ def test_retry_limit_aborts_after_the_limit_is_exhausted() -> None:
         if verdict.new_status is not None:
             break
         trans = replace(trans, retry_count=int(verdict.fields["retry_count"]))
-    assert [v.fields.get("retry_count") for v in verdicts] == ["1", "2", "3"]
+    assert [v.fields.get("retry_count") for v in verdicts] == ["1", "2", "2"]
     assert [v.new_status for v in verdicts] == [None, None, Status.ABORTING]
-    assert "retry limit 2" in verdicts[-1].reason
-    assert verdicts[0].retry is Retry.BACKOFF
+    # The exact text dtm writes: clients match on it.
+    assert verdicts[-1].reason == "RetryCount is greater than RetryLimit, RetryLimit: 2"
+    # Within the limit the retry is due now (same round), not after an interval.
+    assert verdicts[0].retry is Retry.NONE
+    assert verdicts[0].retry_at_once
+    assert MACHINE.plan(trans, T0, DEFAULTS).calls[0].key == "01:action"
+
+
+def test_retry_limit_counts_each_unanswered_action_of_a_round() -> None:
+    trans = saga(2, orders={}, options=Options(retry_limit=3), retry_count=1)
+    both = {"01:action": ERROR, "02:action": ONGOING}
+    assert MACHINE.absorb(trans, both, T0, DEFAULTS).fields["retry_count"] == "3"
+    over = replace(trans, retry_count=2)
+    assert MACHINE.absorb(over, both, T0, DEFAULTS).new_status is Status.ABORTING
 
 
 def test_without_retry_limit_errors_are_not_counted() -> None:

@@ -132,9 +132,9 @@ JSON_RPC_ONGOING = -32902
 
 def classify(status: int, text: str) -> Outcome:
     if status == 425 or "ONGOING" in text:
-        return Outcome(OutcomeKind.ONGOING, text[:_MAX_MESSAGE])
+        return Outcome(OutcomeKind.ONGOING, text[:_MAX_MESSAGE], status)
     if status == 409 or "FAILURE" in text:
-        return Outcome(OutcomeKind.FAILURE, text[:_MAX_MESSAGE])
+        return Outcome(OutcomeKind.FAILURE, text[:_MAX_MESSAGE], status)
     if status == 200:
         return SUCCESS
-    return Outcome(OutcomeKind.ERROR, f"HTTP {status}: {text[:_MAX_MESSAGE]}")
+    return Outcome(OutcomeKind.ERROR, f"HTTP {status}: {text[:_MAX_MESSAGE]}", status)

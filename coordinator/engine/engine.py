@@ -17,8 +17,9 @@ import uuid
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
+from coordinator.engine.branch_log import BranchLog
 from coordinator.engine.caller import BranchCaller
-from coordinator.errors import LeaseLost, NotFound, StatusConflict
+from coordinator.errors import LeaseLost, NotFound, StatusConflict, StoreUnavailable
 from coordinator.machines.base import (
     SUCCESS,
     Defaults,
@@ -27,10 +28,11 @@ from coordinator.machines.base import (
     OutcomeKind,
     Plan,
     Retry,
+    Verdict,
     deadline_ms,
     next_interval,
 )
-from coordinator.model import FINISHED, BranchStatus, Status, Trans, evolve
+from coordinator.model import FINISHED, Branch, BranchStatus, Status, Trans, evolve
 from coordinator.settings import EngineSettings
 from coordinator.store.base import Store, Transition
 
@@ -58,6 +60,7 @@ class Engine:
         self._stopped_future: asyncio.Future[None] | None = None
         self._next_partition = 0
         self.stats = {"claimed": 0, "finished": 0, "branch_calls": 0, "conflicts": 0}
+        self.branch_log = BranchLog()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -132,12 +135,21 @@ class Engine:
     # -- claiming -------------------------------------------------------------------------
 
     async def _poll_loop(self) -> None:
+        outage = False
         while not self._stopping.is_set():
             claimed = 0
             try:
                 claimed = await self.poll_once()
-            except Exception:  # Redis away: keep trying, the work is safe in Redis
+            except StoreUnavailable as exc:  # keep trying: the work is safe in Redis
+                if not outage:
+                    log.warning("claiming paused: %s", exc)
+                outage = True
+            except Exception:
                 log.exception("claiming due transactions failed")
+            else:
+                if outage:
+                    log.warning("claiming resumed: Redis answers again")
+                outage = False
             if claimed == 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval)
@@ -170,6 +182,8 @@ class Engine:
             try:
                 for partition in range(self.store.partitions):
                     await self.store.sweep(partition)
+            except StoreUnavailable:
+                pass  # the claim loop reports the outage
             except Exception:
                 log.exception("sweeping expired index entries failed")
 
@@ -180,6 +194,10 @@ class Engine:
             return await Run(self, trans, token, now_ms, leased_at).drive()
         except asyncio.CancelledError:
             raise
+        except StoreUnavailable as exc:  # no traceback per transaction during an outage
+            log.warning("processing %s paused: %s; it is retried when its lease ends",
+                        trans.gid, exc, extra={"gid": trans.gid, "trans_type": trans.trans_type})
+            return trans
         except Exception:
             log.exception("processing %s failed; it is retried when its lease ends", trans.gid)
             return trans
@@ -245,6 +263,7 @@ class Run:
         self._lease_until = leased_at + engine.lease_ms / 1000
         self.pending: dict[str, BranchStatus] = {}
         self.pending_fields: dict[str, str] = {}
+        self._burst_started: float | None = None  # of the current at-once retries
 
     def now(self) -> int:
         base_ms, base_mono = self._clock_base
@@ -274,6 +293,8 @@ class Run:
     async def _call(self, plan: Plan) -> bool:
         """Run one round of branch calls; False when this run is over."""
         local = [b for b in plan.calls if not b.url]
+        durations: dict[str, float] = {}
+        started = time.monotonic()
         if local:
             # Empty URLs succeed without a call; record them with the next write.
             outcomes: dict[str, Outcome] = {b.key: SUCCESS for b in local}
@@ -291,7 +312,7 @@ class Run:
                     return written is Written.RELOADED
             self.engine.stats["branch_calls"] += len(plan.calls)
             results = await asyncio.gather(
-                *(self.engine.caller.call(self.trans, b) for b in plan.calls),
+                *(self._timed_call(b, durations) for b in plan.calls),
                 return_exceptions=True,
             )
             # The caller maps every expected failure to an outcome; anything it missed
@@ -311,9 +332,11 @@ class Run:
         if "retry_count" in verdict.fields:
             self.trans = evolve(self.trans, retry_count=int(verdict.fields["retry_count"]))
         if verdict.new_status is not None:
+            self._report(plan, outcomes, durations, None)
             return await self._move(verdict.new_status, verdict.reason)
-        if verdict.retry is not Retry.NONE:
-            interval = next_interval(self.trans, verdict.retry, self.defaults)
+        retry = self._bound_burst(verdict, started)
+        if retry is not Retry.NONE:
+            interval = next_interval(self.trans, retry, self.defaults)
             self.pending_fields["next_cron_interval"] = str(interval)
             due = self.now() + interval * 1000
             deadline = deadline_ms(self.trans, self.defaults)
@@ -322,13 +345,52 @@ class Run:
             if (self.trans.trans_type == "saga" and self.trans.status is Status.SUBMITTED
                     and deadline is not None):
                 due = min(due, max(deadline, self.now()))
+            self._report(plan, outcomes, durations, max(0, due - self.now()) / 1000)
             return await self._release(due) is Written.RELOADED
+        self._report(plan, outcomes, durations, 0)
         # A success resets the back-off: with 0 the next error waits the base interval
         # again (see next_interval); resetting to the base made it wait twice that.
         if self.trans.next_cron_interval:
             self.pending_fields["next_cron_interval"] = "0"
             self.trans = evolve(self.trans, next_cron_interval=0)
         return True
+
+    def _bound_burst(self, verdict: Verdict, round_started: float) -> Retry:
+        """The retry to schedule; at-once retries end after one round's time budget.
+
+        Like dtm, which retries at once only within request_timeout + 2 s of processing,
+        so a huge retry_limit on a branch that fails fast cannot spin a worker: the
+        rest of the retries wait the retry interval, a burst at a time.
+        """
+        if not verdict.retry_at_once:
+            self._burst_started = None
+            return verdict.retry
+        if self._burst_started is None:
+            self._burst_started = round_started
+        budget = (self.trans.options.request_timeout or self.defaults.request_timeout) + 2
+        if time.monotonic() - self._burst_started < budget:
+            return Retry.NONE
+        self._burst_started = None
+        return Retry.KEEP
+
+    async def _timed_call(self, branch: Branch, durations: dict[str, float]) -> Outcome:
+        started = time.monotonic()
+        try:
+            return await self.engine.caller.call(self.trans, branch)
+        finally:
+            durations[branch.key] = time.monotonic() - started
+
+    def _report(
+        self, plan: Plan, outcomes: Mapping[str, Outcome], durations: Mapping[str, float],
+        next_retry_s: float | None,
+    ) -> None:
+        """Log the round's outcomes that are not a success (see branch_log.py)."""
+        for branch in plan.calls:
+            outcome = outcomes.get(branch.key, SUCCESS)
+            if outcome.kind is not OutcomeKind.SUCCESS:
+                self.engine.branch_log.report(
+                    self.trans, branch, outcome, durations.get(branch.key, 0.0), next_retry_s
+                )
 
     async def _move(self, status: Status, reason: str) -> bool:
         """Change the global status; True when this run should plan again."""

@@ -27,6 +27,7 @@ class OutcomeKind(enum.StrEnum):
 class Outcome:
     kind: OutcomeKind
     message: str = ""
+    status: int = 0  # the HTTP status, when there was an answer (for logs)
 
 
 SUCCESS = Outcome(OutcomeKind.SUCCESS)
@@ -70,6 +71,9 @@ class Verdict:
     reason: str = ""
     retry: Retry = Retry.NONE
     fields: Mapping[str, str] = field(default_factory=dict)
+    # The unfinished branches are to be called again at once (retry_limit, as in dtm);
+    # the engine bounds how long such a burst may last.
+    retry_at_once: bool = False
 
 
 class Machine(Protocol):

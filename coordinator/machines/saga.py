@@ -3,7 +3,8 @@
 Layout: step i (0-based) is branch id ``%02d % (i+1)`` with two records, compensate then
 action, as dtm reports them. Actions run in order, or, when concurrent, as soon as the
 steps listed in ``orders`` succeeded. A FAILURE from an action, a timeout or an exhausted
-retry limit moves the saga to aborting; then every action that may have started gets
+retry limit (retries of an unanswered action run at once while the limit lasts, as in
+dtm) moves the saga to aborting; then every action that may have started gets
 its compensation, in reverse order of the prerequisites, and the saga ends failed.
 """
 
@@ -173,7 +174,7 @@ class SagaMachine:
         updates: dict[str, BranchStatus] = {}
         failures: list[str] = []
         retry = Retry.NONE
-        actions_pending = False
+        actions_pending = 0
         by_key = {b.key: b for b in trans.branches}
         for key, outcome in outcomes.items():
             branch = by_key[key]
@@ -189,14 +190,19 @@ class SagaMachine:
             else:
                 kind = Retry.KEEP if outcome.kind is OutcomeKind.ONGOING else Retry.BACKOFF
                 retry = max(retry, kind)
-                actions_pending = actions_pending or branch.op is Op.ACTION
+                actions_pending += branch.op is Op.ACTION
         if failures and trans.status is Status.SUBMITTED:
             return Verdict(updates, Status.ABORTING, "; ".join(failures))
-        fields: dict[str, str] = {}
-        if retry and actions_pending and trans.options.retry_limit > 0:
-            count = trans.retry_count + 1
-            fields["retry_count"] = str(count)
-            if count > trans.options.retry_limit:
-                reason = f"retry limit {trans.options.retry_limit} exceeded"
-                return Verdict(updates, Status.ABORTING, reason, Retry.NONE, fields)
-        return Verdict(updates, None, "", retry, fields)
+        limit = trans.options.retry_limit
+        if actions_pending and limit > 0 and trans.status is Status.SUBMITTED:
+            # dtm's rule: each unfinished action answer is retried at once, in the same
+            # round, while retry_count < retry_limit; the first one past it aborts. So a
+            # wait_result submit whose retry succeeds still answers SUCCESS.
+            if trans.retry_count + actions_pending > limit:
+                reason = f"RetryCount is greater than RetryLimit, RetryLimit: {limit}"
+                return Verdict(updates, Status.ABORTING, reason, Retry.NONE,
+                               {"retry_count": str(limit)})
+            count = str(trans.retry_count + actions_pending)
+            return Verdict(updates, None, "", Retry.NONE, {"retry_count": count},
+                           retry_at_once=True)
+        return Verdict(updates, None, "", retry)

@@ -3,8 +3,9 @@
 The client runs phase one itself (try, or the XA local prepare) after registering each
 branch. Submit moves the transaction to submitted: every confirm (commit) is called.
 Abort, or the prepared transaction timing out, moves it to aborting: every cancel
-(rollback) is called. Branches are called one at a time, cancels newest first so that
-nested branches are undone before their parents. Phase two cannot fail: FAILURE is
+(rollback) is called. Branches are called one at a time. TCC cancels newest first so that
+nested branches are undone before their parents; XA rolls back in registration order,
+as it commits (dtm does the same). Phase two cannot fail: FAILURE is
 retried until the branch succeeds.
 """
 
@@ -27,10 +28,13 @@ from coordinator.model import BranchStatus, Op, Status, Trans
 
 
 class PhaseTwoMachine:
-    def __init__(self, forward: Op, backward: Op, reverse_forward: bool) -> None:
+    def __init__(
+        self, forward: Op, backward: Op, reverse_forward: bool, reverse_backward: bool
+    ) -> None:
         self.forward = forward
         self.backward = backward
         self.reverse_forward = reverse_forward
+        self.reverse_backward = reverse_backward
 
     def plan(self, trans: Trans, now_ms: int, defaults: Defaults) -> Plan:
         if trans.status is Status.PREPARED:
@@ -41,7 +45,7 @@ class PhaseTwoMachine:
         if trans.status is Status.SUBMITTED:
             op, done, reverse = self.forward, Status.SUCCEED, self.reverse_forward
         elif trans.status is Status.ABORTING:
-            op, done, reverse = self.backward, Status.FAILED, True
+            op, done, reverse = self.backward, Status.FAILED, self.reverse_backward
         else:
             return Plan()
         pending = [b for b in trans.branches
@@ -68,9 +72,9 @@ class PhaseTwoMachine:
 
 class TccMachine(PhaseTwoMachine):
     def __init__(self) -> None:
-        super().__init__(Op.CONFIRM, Op.CANCEL, reverse_forward=True)
+        super().__init__(Op.CONFIRM, Op.CANCEL, reverse_forward=True, reverse_backward=True)
 
 
 class XaMachine(PhaseTwoMachine):
     def __init__(self) -> None:
-        super().__init__(Op.COMMIT, Op.ROLLBACK, reverse_forward=False)
+        super().__init__(Op.COMMIT, Op.ROLLBACK, reverse_forward=False, reverse_backward=False)

@@ -111,9 +111,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def register_branches(
-        self, gid: str, branches: Sequence[Branch], *, expected: frozenset[Status], upsert: bool
+        self, gid: str, branches: Sequence[Branch], *, expected: frozenset[Status], unique: bool
     ) -> int:
-        """Add run-time branches (tcc, xa, workflow); return how many were new."""
+        """Add run-time branches (tcc, xa, workflow); return how many were new.
+
+        A branch already there is kept as it is: skipped (a retried registration), or
+        with `unique` (workflow steps) the whole call is refused with TransactionFailure.
+        """
 
     @abc.abstractmethod
     async def reset_due(self, partition: int, wait_ms: int, limit: int) -> tuple[int, bool]:

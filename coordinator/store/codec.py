@@ -58,7 +58,7 @@ def trans_fields(trans: Trans) -> dict[str, str]:
         fields["steps"] = orjson.dumps(list(trans.steps)).decode()
     if trans.payloads:
         fields["payloads"] = orjson.dumps(list(trans.payloads)).decode()
-    for name in ("custom_data", "query_prepared", "rollback_reason", "result"):
+    for name in ("custom_data", "query_prepared", "rollback_reason", "result", "fingerprint"):
         value = getattr(trans, name)
         if value:
             fields[name] = value
@@ -130,4 +130,5 @@ def trans_from_hash(fields: Mapping[str, str], branch_fields: Mapping[str, str])
         next_cron_time=_int(fields.get("next_cron_time")),
         retry_count=_int(fields.get("retry_count")),
         owner=fields.get("owner", ""),
+        fingerprint=fields.get("fingerprint", ""),
     )

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import builtins
+import functools
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from coordinator.errors import AlreadyExists, NotFound, raise_for_reply
+from coordinator.errors import AlreadyExists, NotFound, StoreUnavailable, raise_for_reply
 from coordinator.keys import KeySpace
 from coordinator.model import Branch, Status, Trans
 from coordinator.store.base import (
@@ -27,6 +33,34 @@ from coordinator.store.base import (
 from coordinator.store.batch import ACKED, READ, WRITE, ScriptBatcher
 from coordinator.store.codec import branches_json, pairs_to_dict, trans_fields, trans_from_hash
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# A pooled connection that went stale (Redis restarted, a proxy dropped it) fails its
+# next use; these errors are retried on a fresh connection with back-off, and only when
+# Redis stays away do they reach the caller, as StoreUnavailable (HTTP 503).
+RETRIED_ERRORS: tuple[type[RedisError], ...] = (RedisConnectionError, RedisTimeoutError)
+RETRIES = 5  # waits of 0.05, 0.1, 0.2, 0.4, 0.5 s: about 1.3 s before giving up
+# Idle connections are pinged before use after this many seconds.
+HEALTH_CHECK_INTERVAL = 10
+
+
+def _retry_policy() -> Retry:
+    return Retry(ExponentialBackoff(cap=0.5, base=0.025), RETRIES, RETRIED_ERRORS)
+
+
+def _unavailable_as_503(
+    method: Callable[P, Awaitable[R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except RETRIED_ERRORS as exc:
+            raise StoreUnavailable(f"Redis is unavailable ({exc}); retry later") from exc
+
+    return wrapper
 
 
 class RedisStore(Store):
@@ -64,7 +98,15 @@ class RedisStore(Store):
 
     @classmethod
     def from_url(cls, url: str, keys: KeySpace, **kwargs: Any) -> RedisStore:
-        client = aioredis.Redis.from_url(url, decode_responses=True, max_connections=512)
+        client = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            max_connections=512,
+            retry=_retry_policy(),
+            retry_on_error=list(RETRIED_ERRORS),
+            health_check_interval=HEALTH_CHECK_INTERVAL,
+            socket_connect_timeout=5,
+        )
         return cls(client, keys, **kwargs)
 
     @classmethod
@@ -80,6 +122,7 @@ class RedisStore(Store):
         kwargs.setdefault("retry_for", 10.0)
         return cls(cluster_client(seeds, url), keys, **kwargs)
 
+    @_unavailable_as_503
     async def start(self) -> None:
         if isinstance(self.client, RedisCluster):
             await self.client.initialize()
@@ -90,6 +133,7 @@ class RedisStore(Store):
     async def close(self) -> None:
         await self.client.aclose()
 
+    @_unavailable_as_503
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
@@ -114,11 +158,14 @@ class RedisStore(Store):
             lease_ms or self.lease_ms,
         ]
 
+    @_unavailable_as_503
     async def create(
         self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
     ) -> int:
         keys, args = self.create_call(trans, due_in_ms=due_in_ms, owner=owner, lease_ms=lease_ms)
         reply = await self._batch.call(self.scripts["create"], keys, args)
+        if reply[0] == "EXISTS":
+            raise AlreadyExists(trans.gid, reply[1], reply[2] if len(reply) > 2 else "")
         raise_for_reply(reply[0], trans.gid, reply[1], "create")
         return int(reply[1])
 
@@ -137,6 +184,7 @@ class RedisStore(Store):
             self.finished_ttl_s,
         ]
 
+    @_unavailable_as_503
     async def transition(self, gid: str, change: Transition) -> TransitionResult:
         keys, args = self.transition_call(gid, change)
         # A change by a lease holder is the engine's own; one without is a client's.
@@ -146,6 +194,7 @@ class RedisStore(Store):
         raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", wanted)
         return TransitionResult(Status(reply[1]), int(reply[2]), reply[3] == "1")
 
+    @_unavailable_as_503
     async def load(self, gid: str) -> Trans | None:
         keys = self.keys.for_gid(gid)
         fields, branches = await self._batch.call(
@@ -164,6 +213,7 @@ class RedisStore(Store):
         found = await self.client.zrangebyscore(zset, "-inf", _now_ms(), start=0, num=limit)
         return [str(member) for member in found]
 
+    @_unavailable_as_503
     async def due_partitions(self) -> builtins.list[int]:
         """Partitions with due work, all asked in one round (one pipeline per node)."""
         now = _now_ms()
@@ -173,6 +223,7 @@ class RedisStore(Store):
             found = await pipe.execute()
         return [p for p, gids in enumerate(found) if gids]
 
+    @_unavailable_as_503
     async def claim(self, partition: int, limit: int, token_prefix: str) -> list[Claimed]:
         # Two steps so that the claim script names every key it touches: peek at the
         # due gids, then claim them (the script checks each one again).
@@ -192,6 +243,7 @@ class RedisStore(Store):
             for _gid, token, f, b in reply[1:]
         ]
 
+    @_unavailable_as_503
     async def sweep(self, partition: int) -> int:
         members = await self._due(self.keys.expiry(partition), 500)
         if not members:
@@ -200,6 +252,7 @@ class RedisStore(Store):
         keys = self.keys.partition_keys(partition) + [prefix + m[14:] for m in members]
         return int(await self._batch.call(self.scripts["sweep"], keys, members, writes=READ))
 
+    @_unavailable_as_503
     async def list(self, position: str, limit: int, where: ListFilter) -> Page:
         """Merge the partitions' listing indexes, newest first.
 
@@ -244,8 +297,9 @@ class RedisStore(Store):
             upper = "(" + cursor
         return Page(found, cursor)
 
+    @_unavailable_as_503
     async def register_branches(
-        self, gid: str, branches: Sequence[Branch], *, expected: frozenset[Status], upsert: bool
+        self, gid: str, branches: Sequence[Branch], *, expected: frozenset[Status], unique: bool
     ) -> int:
         keys = self.keys.for_gid(gid)
         reply = await self._batch.call(
@@ -255,12 +309,13 @@ class RedisStore(Store):
                 gid,
                 ",".join(s.value for s in expected),
                 branches_json(branches),
-                "upsert" if upsert else "insert",
+                "unique" if unique else "insert",
             ],
         )
         raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", "register a branch")
         return int(reply[2])
 
+    @_unavailable_as_503
     async def reset_due(self, partition: int, wait_ms: int, limit: int) -> tuple[int, bool]:
         count, remaining = await self._batch.call(
             self.scripts["reset_due"], [self.keys.due(partition)], [max(0, wait_ms), limit],
@@ -268,6 +323,7 @@ class RedisStore(Store):
         )
         return int(count), remaining == "1"
 
+    @_unavailable_as_503
     async def change_topic(self, subscribe: bool, topic: str, url: str, remark: str) -> None:
         reply = await self._batch.call(
             self.scripts["topic"],
@@ -279,6 +335,7 @@ class RedisStore(Store):
         if reply[0] == "NOT_FOUND":
             raise NotFound(f"topic {topic!r} has no subscriber {url!r}")
 
+    @_unavailable_as_503
     async def topics(self) -> dict[str, Topic]:
         raw = await self.client.hgetall(self.keys.kv("topics"))
         out: dict[str, Topic] = {}
@@ -288,6 +345,7 @@ class RedisStore(Store):
             out[topic] = Topic(topic, orjson.loads(rec["v"]), int(rec["version"]))
         return out
 
+    @_unavailable_as_503
     async def delete_topic(self, topic: str) -> bool:
         return bool(await self.client.hdel(self.keys.kv("topics"), topic))
 
