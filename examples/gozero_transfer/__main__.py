@@ -33,6 +33,7 @@ from examples.common import (
     Scenario,
     cli,
     describe,
+    driver,
     final_status,
     mysql_connector,
     mysql_pool,
@@ -220,6 +221,8 @@ def scenario_in(etcd: str) -> Scenario:
 
 
 async def main() -> bool:
+    for name in ("asyncpg", "aiomysql"):
+        driver(name)  # a missing one is named before any etcd is started
     async with etcd_endpoint() as etcd:
         print(f"etcd at {etcd}")
         return await run_example(NAME, scenario_in(etcd), {
