@@ -42,7 +42,7 @@ from coordinator.client import (
 from coordinator.registry.resolver import Resolver
 from tests.etcd_support import EtcdServer, require_etcd
 from tests.grpc_participant import FAILURE, GrpcParticipant
-from tests.support import Api, CoordinatorProcess
+from tests.support import Api, CoordinatorProcess, drop_keys
 from tests.test_client import gid_for
 
 WAIT = TransOptions(wait_result=True)
@@ -66,7 +66,8 @@ def stack(redis_url: str) -> Iterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="etcd-e2e-") as tmp:
         etcd = EtcdServer(Path(tmp))
         asyncio.run(etcd.start())
-        proc = CoordinatorProcess(redis_url, "t" + uuid.uuid4().hex[:10])
+        name = "t" + uuid.uuid4().hex[:10]
+        proc = CoordinatorProcess(redis_url, name)
         proc.extra_args = ["--register", etcd.target("dtmservice")]
         try:
             asyncio.run(proc.start())
@@ -75,6 +76,7 @@ def stack(redis_url: str) -> Iterator[Stack]:
         finally:
             proc.stop()
             etcd.stop()
+            drop_keys(redis_url, name)
 
 
 async def _registered(target: str, endpoint: str) -> None:
