@@ -144,9 +144,11 @@ class BenchEnv:
         )
         await wait_http(f"http://127.0.0.1:{self.port}/api/ping")
 
-    async def spawn_participant(self) -> int:
+    async def spawn_participant(self, grpc_port: int = 0) -> int:
+        """The participant's HTTP port; with `grpc_port` it serves gRPC branches there."""
         port = free_port()
-        await self.procs.spawn("participant", sys.executable, "-m", "bench.participant", str(port))
+        ports = [str(port)] + ([str(grpc_port)] if grpc_port else [])
+        await self.procs.spawn("participant", sys.executable, "-m", "bench.participant", *ports)
         await wait_http(f"http://127.0.0.1:{port}/stats")
         return port
 

@@ -4,7 +4,11 @@ It is a raw asyncio protocol rather than an aiohttp app so that the participant 
 little CPU next to the coordinator it serves. `GET /stats` returns the call counts by
 path, which the benchmark uses to check that each branch was called.
 
-Run: python -m bench.participant PORT
+With a second port it also serves gRPC branch calls there: any method
+(``/busi.Busi/TransOut``…) answers OK with an empty body, counted by its path in the same
+`/stats`, so the sagas of ``--protocol grpc`` can call their branches over gRPC.
+
+Run: python -m bench.participant PORT [GRPC_PORT]
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import collections
 import sys
 from typing import ClassVar, cast
 
+import grpc
 import orjson
 
 OK = (
@@ -59,8 +64,26 @@ class Participant(asyncio.Protocol):
             self.transport.write(OK)
 
 
-async def main(port: int) -> None:
+async def grpc_answer(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    return b""
+
+
+class AnyMethod(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # not generic at run time
+    """Every method is a branch that succeeds; no (de)serializers, the body stays bytes."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes]:
+        Participant.counts[details.method] += 1
+        return grpc.unary_unary_rpc_method_handler(grpc_answer)
+
+
+async def main(port: int, grpc_port: int = 0) -> None:
     loop = asyncio.get_running_loop()
+    if grpc_port:
+        # Listening before the HTTP side: once /stats answers, gRPC does too.
+        grpc_server = grpc.aio.server()
+        grpc_server.add_generic_rpc_handlers((AnyMethod(),))
+        grpc_server.add_insecure_port(f"127.0.0.1:{grpc_port}")
+        await grpc_server.start()
     server = await loop.create_server(Participant, "127.0.0.1", port, backlog=1024)
     async with server:
         await server.serve_forever()
@@ -73,4 +96,4 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(main(*(int(arg) for arg in sys.argv[1:3])))

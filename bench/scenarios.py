@@ -10,10 +10,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from redis.asyncio.cluster import RedisCluster
 
-from bench.env import ROOT, BenchEnv, redis_counters
+from bench.env import ROOT, BenchEnv, free_port, redis_counters
 from bench.grpc_load import run_grpc_saga_load
 from bench.loadgen import LoadResult, RequestFactory, run_load
 from bench.progress import show_progress
@@ -147,20 +148,33 @@ async def saga_empty(opts: RunOptions) -> dict[str, Any]:
 
 
 async def saga_http(opts: RunOptions) -> dict[str, Any]:
+    """Two steps at a real participant: HTTP branches, or over --protocol grpc gRPC
+    branches (``host:port/busi.Busi/TransOut``), as a go-zero service would be called."""
     env = make_env(opts)
     await env.start()
     try:
-        port = await env.spawn_participant()
-        base = f"http://127.0.0.1:{port}"
+        grpc_port = free_port() if opts.protocol == "grpc" else 0
+        port = await env.spawn_participant(grpc_port)
+        base = f"127.0.0.1:{grpc_port}/busi.Busi" if grpc_port else f"http://127.0.0.1:{port}"
         steps = [
             {"action": f"{base}/TransOut", "compensate": f"{base}/TransOutRevert"},
             {"action": f"{base}/TransIn", "compensate": f"{base}/TransInRevert"},
         ]
         out = await measure("saga", env, steps, opts)
+        # Which branches were called how often, by path: the proof of the protocol used.
+        out["branch_calls"] = await branch_calls(port)
         out["ceiling"] = await redis_ceiling_on(env, opts, with_branch_writes=True)
         return out
     finally:
         await env.stop()
+
+
+async def branch_calls(port: int) -> dict[str, int]:
+    async with aiohttp.ClientSession() as session, session.get(
+        f"http://127.0.0.1:{port}/stats"
+    ) as reply:
+        counts: dict[str, int] = await reply.json()
+    return counts
 
 
 async def redis_ceiling_on(

@@ -21,7 +21,14 @@ import sys
 import time
 import traceback
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Mapping,
+    Sequence,
+)
 from types import ModuleType
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
@@ -147,8 +154,11 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def coordinator(prefix: str) -> AsyncIterator[DtmClient]:
-    """The coordinator in this process, on its own port and Redis key prefix."""
+async def coordinator(
+    prefix: str, overrides: Mapping[str, object] | None = None
+) -> AsyncIterator[DtmClient]:
+    """The coordinator in this process, on its own port and Redis key prefix; `overrides`
+    are settings of the example's own (gRPC port, registry)."""
     settings = Settings.load(overrides={
         "redis.url": REDIS_URL,
         "redis.key_prefix": prefix,
@@ -158,8 +168,9 @@ async def coordinator(prefix: str) -> AsyncIterator[DtmClient]:
         "engine.retry_interval": 1,
         # Long enough to look at the transactions afterwards, short enough not to pile up.
         "engine.finished_ttl": 3600,
-        # The examples speak HTTP; no gRPC port to clash with another coordinator.
+        # Most examples speak HTTP only; no gRPC port to clash with another coordinator.
         "server.grpc_port": 0,
+        **(overrides or {}),
     })
     async with Server(create_app(settings)) as server, DtmClient(
         server.url("api/dtmsvr")
@@ -360,9 +371,12 @@ async def exclusive(name: str, wait: float = 30.0) -> AsyncIterator[None]:
 # -- running an example ----------------------------------------------------------------------
 
 
-async def run_example(name: str, scenario: Scenario) -> bool:
-    """Reset the example's Redis keys, start the coordinator, run the scenario and print
-    the verdict. ServiceUnavailable propagates; any other error fails the run."""
+async def run_example(
+    name: str, scenario: Scenario, settings: Mapping[str, object] | None = None
+) -> bool:
+    """Reset the example's Redis keys, start the coordinator (with `settings` of the
+    example's own), run the scenario and print the verdict. ServiceUnavailable
+    propagates; any other error fails the run."""
     checks = Checks()
     started = time.monotonic()
     prefix = key_prefix(name)
@@ -371,7 +385,7 @@ async def run_example(name: str, scenario: Scenario) -> bool:
     try:
         async with asyncio.timeout(TIME_LIMIT), exclusive(name):
             await reset_redis(prefix)
-            async with coordinator(prefix) as dtm:
+            async with coordinator(prefix, settings) as dtm:
                 await scenario(dtm, checks)
     except ServiceUnavailable:
         raise

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import redis
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
@@ -459,3 +460,12 @@ class AppServer:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+
+
+def drop_keys(redis_url: str, prefix: str) -> None:
+    """Delete every key under `prefix` (what a module-scoped coordinator left)."""
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()

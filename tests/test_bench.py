@@ -50,8 +50,21 @@ async def test_saga_empty_runs() -> None:
 async def test_saga_with_participants_runs() -> None:
     result = await saga_http(SHORT)
     _check_common(result)
+    assert set(result["branch_calls"]) == {"/TransOut", "/TransIn"}  # type: ignore[arg-type]
     # create, the first action's result (written before the second call), finish.
     assert 2.9 <= float(result["redis_calls_per_tx"]) < 4  # type: ignore[arg-type]
+
+
+async def test_saga_over_grpc_calls_grpc_branches() -> None:
+    """--protocol grpc: submitted over dtmgimp.Dtm, both actions called over gRPC."""
+    result = await saga_http(replace(SHORT, protocol="grpc"))
+    _check_common(result)
+    assert result["scenario"] == "saga (grpc)"
+    calls = result["branch_calls"]
+    assert isinstance(calls, dict)
+    assert set(calls) == {"/busi.Busi/TransOut", "/busi.Busi/TransIn"}, calls
+    # Every measured transaction called both (warm-up ones too, hence at least).
+    assert calls["/busi.Busi/TransIn"] >= result["transactions"]  # type: ignore[operator]
 
 
 async def test_saga_empty_over_grpc_runs() -> None:

@@ -27,6 +27,7 @@ from tests.conftest import (
     open_mysql_pool,
     open_pg_pool,
 )
+from tests.etcd_support import require_etcd
 from tests.support import ROOT
 
 # Every example also needs Redis (the coordinator's store), probed by `redis_url`.
@@ -36,12 +37,16 @@ EXAMPLES = {
     "travel_booking": ("postgres",),
     "cache_consistency": ("postgres",),
     "mixed_branches": ("postgres", "mysql"),
+    # Starts its own etcd from the binary on PATH (EXAMPLES_ETCD would name another).
+    "gozero_transfer": ("postgres", "mysql", "etcd"),
 }
 TIMEOUT = 60.0  # each example takes a few seconds; this only catches a hang
 
 
 async def require(services: tuple[str, ...]) -> None:
-    """Skip, or fail under CI=true, if a database the example needs is not there."""
+    """Skip, or fail under CI=true, if a service the example needs is not there."""
+    if "etcd" in services:
+        require_etcd()
     if "postgres" in services:
         pg = await open_pg_pool(max_size=1)
         await pg.close()

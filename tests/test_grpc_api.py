@@ -14,22 +14,13 @@ from typing import Any
 import grpc
 import orjson
 import pytest
-import redis
 from google.protobuf import empty_pb2
 
 from coordinator.dtmgpb import dtmgimp_pb2 as pb
 from coordinator.dtmgpb import dtmgimp_pb2_grpc as pb_grpc
-from tests.support import ONGOING, Api, CoordinatorProcess, Participant, wait_for
+from tests.support import ONGOING, Api, CoordinatorProcess, Participant, drop_keys, wait_for
 
 FAIL_409 = (409, '{"dtm_result":"FAILURE","message":"no stock"}')
-
-
-def _drop_keys(redis_url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +32,7 @@ def grpc_coordinator(redis_url: str) -> Iterator[CoordinatorProcess]:
     ).start())
     yield proc
     proc.stop()
-    _drop_keys(redis_url, name)
+    drop_keys(redis_url, name)
 
 
 @pytest.fixture

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import aiohttp
 import pytest
 
 from coordinator.client import register_service, resolve_target
@@ -22,7 +24,8 @@ from coordinator.registry.target import (
 )
 from coordinator.settings import Settings, SettingsError
 from tests.etcd_support import EtcdServer, etcd_server
-from tests.support import CoordinatorProcess, free_port, wait_for
+from tests.grpc_participant import GrpcParticipant
+from tests.support import Api, CoordinatorProcess, free_port, wait_for
 
 
 def test_registry_targets_as_go_zero_reads_them() -> None:
@@ -33,8 +36,10 @@ def test_registry_targets_as_go_zero_reads_them() -> None:
     assert parse_etcd_target("etcd:///h1:2379,h2:2379?key=dtmservice") == EtcdTarget(
         ("h1:2379", "h2:2379"), "dtmservice")
     assert parse_etcd_target("discov://h1:2379/dtmservice").key == "dtmservice"
+    # etcd only: go-zero's k8s:// and direct:// targets and other registries are refused.
     for bad in ("http://h:1/k", "etcd://h1:2379", "etcd://h1/k", "etcd:///h1:2379",
-                "dtmservice", "etcd://u:p@h:1/k"):
+                "dtmservice", "etcd://u:p@h:1/k", "k8s://ns/svc:8080",
+                "direct://127.0.0.1:1,127.0.0.1:2", "consul://h:8500/svc"):
         with pytest.raises(TargetError):
             parse_etcd_target(bad)
 
@@ -49,8 +54,19 @@ def test_branch_urls_split_as_parse_server_method() -> None:
     assert validate_grpc_target("http://h/x") is None
     assert validate_grpc_target("") is None
     for bad in ("localhost:58081", "localhost/busi.Busi/TransIn", "etcd://h:1/key",
-                "etcd://h:1/key/NoMethod", "ftp://h:1/a/b.C/D", "h:1/not a method"):
+                "etcd://h:1/key/NoMethod", "ftp://h:1/a/b.C/D", "h:1/not a method",
+                "k8s://ns/svc:8080/pb.T/M", "direct://127.0.0.1:1/pb.T/M"):
         assert validate_grpc_target(bad), bad
+
+
+def test_registry_section_of_a_config_file(tmp_path: Path) -> None:
+    """dtm's conf.yml MicroService Target/EndPoint, as the coordinator's TOML has them."""
+    config = tmp_path / "coordinator.toml"
+    config.write_text('[registry]\ntarget = "etcd://127.0.0.1:2379/dtmservice"\n'
+                      'endpoint = "10.0.0.5:36790"\n\n[server]\ngrpc_port = 36790\n')
+    settings = Settings.load(str(config), env={})
+    assert settings.registry.target == "etcd://127.0.0.1:2379/dtmservice"
+    assert settings.advertised_endpoint() == "10.0.0.5:36790"
 
 
 def test_settings_refuse_a_wildcard_endpoint() -> None:
@@ -224,10 +240,24 @@ async def test_etcd_with_tls_client_certificates(redis_url: str, prefix: str) ->
             COORDINATOR_REGISTRY_ETCD_KEY=tls.key,
         )
         await proc.start()
+        busi = await GrpcParticipant().start()
+        branch = await register_service(server.target("trans.rpc"), busi.address, tls)
         try:
             keys = await _wait_keys(server, "dtmservice/", 10)
             assert [value for value, _ in keys.values()] == ["127.0.0.1:36999"]
+            # …and resolves etcd:// branch targets through them too.
+            url = f"etcd://{server.endpoint}/trans.rpc/busi.Busi/TransOut"
+            async with aiohttp.ClientSession() as session:
+                api = Api(session, proc.api)
+                status, reply = await api.post("submit", {
+                    "gid": "g-tls", "trans_type": "saga", "protocol": "grpc",
+                    "steps": [{"action": url, "compensate": ""}], "payloads": ["x"]})
+                assert status == 200, reply
+                await api.wait_status("g-tls", "succeed")
+            assert [c.body for c in busi.calls_to("TransOut")] == [b"x"]
         finally:
+            await branch.stop()
+            await busi.stop()
             await proc.aclose()
         assert await _keys(server, "dtmservice/") == {}
 
