@@ -41,6 +41,10 @@ class ServerSettings:
     protect_transaction_routes: bool = False
     # Require the token on /api/metrics (open by default so Prometheus can scrape it).
     protect_metrics: bool = False
+    # Prometheus metrics at /api/metrics; false removes the route and every hook's cost.
+    metrics: bool = True
+    # OpenTelemetry spans (needs the `otel` extra); the exporter reads OTEL_* variables.
+    tracing: bool = False
 
 
 @dataclass(frozen=True)

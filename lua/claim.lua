@@ -6,7 +6,8 @@
 -- ARGV[3] = at most this many transactions
 -- ARGV[4] = owner token prefix; each claim gets "<prefix>:<n>" (n = 1..N in this call)
 -- ARGV[5] = lease length in ms
--- returns {now_ms, {gid, token, {trans field, value, ...}, {branch key, json, ...}}, ...}
+-- returns {now_ms, {gid, token, {trans field, value, ...}, {branch key, json, ...},
+--          previous owner ('' unless a lease that ran out was taken over)}, ...}
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -29,7 +30,7 @@ for i, gid in ipairs(gids) do
     redis.call('HSET', tkey, 'owner', token, 'lease_until', string.format('%d', until_ms))
     redis.call('ZADD', KEYS[1], until_ms, gid)
     out[#out + 1] = {gid, token, redis.call('HGETALL', tkey),
-      redis.call('HGETALL', ARGV[2] .. gid)}
+      redis.call('HGETALL', ARGV[2] .. gid), rec[2] or ''}
   end
 end
 return out

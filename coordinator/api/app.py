@@ -22,7 +22,8 @@ from coordinator.machines.msg import MsgMachine
 from coordinator.machines.saga import SagaMachine
 from coordinator.machines.tcc import TccMachine, XaMachine
 from coordinator.machines.workflow import WorkflowMachine
-from coordinator.service import Service
+from coordinator.ops import wiring
+from coordinator.ops.hooks import ObservedService
 from coordinator.settings import Settings
 from coordinator.store.redis_store import RedisStore
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_begin_stop)
     add_routes(app)
     app.router.add_post("/api/json-rpc", handle_json_rpc)
+    wiring.install(app, settings)  # /api/metrics, /admin, tracing
     return app
 
 
@@ -77,13 +79,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession(connector=connector, skip_auto_headers=["User-Agent"])
         pool = Http1Pool(limit_per_host=256)
         caller = BranchCaller(session, settings.engine.request_timeout, pool)
-        engine = Engine(store, caller, MACHINES, settings.engine)
+        caller = wiring.observed_caller(app, caller)
+        engine = wiring.observed_engine(app, store, caller, MACHINES, settings.engine)
         app[STORE] = store
         app[ENGINE] = engine
-        app[SERVICE] = Service(engine, settings)
+        app[SERVICE] = ObservedService(engine, settings)
         engine.start()
         log.info("coordinator %s ready, store %s", engine.instance, _safe_url(url))
-        yield
+        async with wiring.running(app, engine, app[SERVICE]):
+            yield
     finally:
         if engine is not None:
             await engine.stop()

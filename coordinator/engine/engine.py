@@ -31,6 +31,7 @@ from coordinator.machines.base import (
     next_interval,
 )
 from coordinator.model import FINISHED, BranchStatus, Status, Trans, evolve
+from coordinator.observer import NULL_OBSERVER, Observer
 from coordinator.settings import EngineSettings
 from coordinator.store.base import Store, Transition
 
@@ -58,6 +59,7 @@ class Engine:
         self._stopped_future: asyncio.Future[None] | None = None
         self._next_partition = 0
         self.stats = {"claimed": 0, "finished": 0, "branch_calls": 0, "conflicts": 0}
+        self.observer: Observer = NULL_OBSERVER  # metrics hooks (coordinator/observer.py)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -156,6 +158,8 @@ class Engine:
             sent = time.monotonic()  # the lease runs from (at latest) the claim's send
             for item in await self.store.claim(partition, free, self.new_token()):
                 total += 1
+                if item.taken_over:
+                    self.observer.lease_takeover()
                 self.spawn(self._run(item.trans, item.token, item.now, sent))
         self.stats["claimed"] += total
         return total
@@ -301,6 +305,7 @@ class Run:
             for r in results:
                 if isinstance(r, asyncio.CancelledError):
                     raise r
+        self.engine.observer.branches_done(self.trans, plan.calls, outcomes)
         verdict = self.machine.absorb(self.trans, outcomes, self.now(), self.defaults)
         self.trans = self.trans.with_branches(dict(verdict.branch_updates))
         self.pending.update(verdict.branch_updates)
@@ -310,6 +315,7 @@ class Run:
         if verdict.new_status is not None:
             return await self._move(verdict.new_status, verdict.reason)
         if verdict.retry is not Retry.NONE:
+            self.engine.observer.retried(self.trans)
             interval = next_interval(self.trans, verdict.retry, self.defaults)
             self.pending_fields["next_cron_interval"] = str(interval)
             due = self.now() + interval * 1000
@@ -339,6 +345,7 @@ class Run:
         self.trans = evolve(self.trans, rollback_reason=reason or self.trans.rollback_reason)
         if status in FINISHED:
             self.engine.stats["finished"] += 1
+            self.engine.observer.finished(self.trans, status, self.now())
             return False
         if previous is Status.PREPARED:
             # Branches can be registered until the status leaves prepared (the register

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from coordinator.model import Branch, BranchStatus, Status, Trans
+from coordinator.observer import NULL_OBSERVER, Observer
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Claimed:
     trans: Trans
     token: str
     now: int
+    # Another worker held it before and its lease ran out (it crashed or stalled).
+    taken_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class Store(abc.ABC):
     """Persistent transaction state. Implementations must be safe for many processes."""
 
     partitions: int
+    # Script latencies are reported here (coordinator/observer.py); a no-op by default.
+    observer: Observer = NULL_OBSERVER
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepare the backend (load scripts, check the layout)."""

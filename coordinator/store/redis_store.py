@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,7 +86,9 @@ class RedisStore(Store):
         self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
     ) -> int:
         keys, args = self.create_call(trans, due_in_ms=due_in_ms, owner=owner, lease_ms=lease_ms)
+        started = time.perf_counter()
         reply = await self._batch.call(self.scripts["create"], keys, args)
+        self.observer.script("create", time.perf_counter() - started)
         raise_for_reply(reply[0], trans.gid, reply[1], "create")
         return int(reply[1])
 
@@ -106,19 +109,24 @@ class RedisStore(Store):
 
     async def transition(self, gid: str, change: Transition) -> TransitionResult:
         keys, args = self.transition_call(gid, change)
+        started = time.perf_counter()
         reply = await self._batch.call(self.scripts["transition"], keys, args)
+        self.observer.script("transition", time.perf_counter() - started)
         wanted = f"move to '{change.new_status.value}'" if change.new_status else "update"
         raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", wanted)
         return TransitionResult(Status(reply[1]), int(reply[2]), reply[3] == "1")
 
     async def load(self, gid: str) -> Trans | None:
         keys = self.keys.for_gid(gid)
+        started = time.perf_counter()
         fields, branches = await self.scripts["load"](keys=[keys.trans, keys.branches])
+        self.observer.script("load", time.perf_counter() - started)
         if not fields:
             return None
         return trans_from_hash(pairs_to_dict(fields), pairs_to_dict(branches))
 
     async def claim(self, partition: int, limit: int, token_prefix: str) -> list[Claimed]:
+        started = time.perf_counter()
         reply = await self.scripts["claim"](
             keys=[self.keys.due(partition)],
             args=[
@@ -129,10 +137,12 @@ class RedisStore(Store):
                 self.lease_ms,
             ],
         )
+        self.observer.script("claim", time.perf_counter() - started)
         now = int(reply[0])
         return [
-            Claimed(trans_from_hash(pairs_to_dict(f), pairs_to_dict(b)), token, now)
-            for _gid, token, f, b in reply[1:]
+            Claimed(trans_from_hash(pairs_to_dict(f), pairs_to_dict(b)), token, now,
+                    taken_over=bool(previous))
+            for _gid, token, f, b, previous in reply[1:]
         ]
 
     async def sweep(self, partition: int) -> int:
