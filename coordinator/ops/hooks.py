@@ -9,6 +9,7 @@ off beyond a ContextVar set.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -20,6 +21,8 @@ from coordinator.ops.logs import bind, log_context
 from coordinator.ops.metrics import Metrics
 from coordinator.ops.tracing import TRACEPARENT, Tracing
 from coordinator.service import Service
+
+log = logging.getLogger("coordinator.calls")
 
 
 class ObservedEngine(Engine):
@@ -70,8 +73,12 @@ class ObservedCaller(BranchCaller):
             ) as traceparent:
                 sent = evolve(trans, ext_headers={**trans.ext_headers, TRACEPARENT: traceparent})
                 outcome = await self.inner.call(sent, branch)
+        seconds = time.perf_counter() - started
         if self.metrics is not None and branch.url:
-            self.metrics.branch_call(outcome.kind, time.perf_counter() - started)
+            self.metrics.branch_call(outcome.kind, seconds)
+        if log.isEnabledFor(logging.DEBUG):  # the answer's text may hold business data
+            log.debug("branch call %s in %.1f ms: %s", outcome.kind.value, seconds * 1000,
+                      outcome.message[:200])
         return outcome
 
 

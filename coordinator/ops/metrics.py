@@ -6,7 +6,8 @@ segment in lower case). Ours are prefixed `coordinator_`.
 
 Hot-path cost: label children are looked up once and kept in dicts, so recording is a
 dict hit and an increment. Values read from Redis (backlog, oldest due age, unfinished
-by status) are refreshed by a background task every `REFRESH_SECONDS`; a scrape only
+by status) are refreshed by a background task every `server.metrics_refresh` seconds;
+a scrape only
 renders what is already in memory and never touches Redis.
 
 With `--workers N` the parent sets PROMETHEUS_MULTIPROC_DIR (a directory it creates
@@ -47,7 +48,6 @@ log = logging.getLogger("coordinator.metrics")
 # The `*_created` timestamp series double the output and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-REFRESH_SECONDS = 5.0
 # How many due-index entries per partition the refresher reads statuses of.
 STATUS_SAMPLE = 1000
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -243,7 +243,10 @@ def metrics_middleware(metrics: Metrics) -> Any:
 class Refresher:
     """Keeps the Redis-derived gauges fresh, off the scrape path."""
 
-    def __init__(self, metrics: Metrics, store: Any, engine: Any, service: Any) -> None:
+    def __init__(
+        self, metrics: Metrics, store: Any, engine: Any, service: Any, every: float
+    ) -> None:
+        self.every = every
         self.metrics = metrics
         self.store = store
         self.engine = engine
@@ -291,7 +294,7 @@ class Refresher:
                 raise
             except Exception as exc:  # Redis away: keep the last values, try again later
                 log.warning("refreshing metrics from Redis failed: %s", exc)
-            await asyncio.sleep(REFRESH_SECONDS)
+            await asyncio.sleep(self.every)
 
 
 @contextlib.asynccontextmanager

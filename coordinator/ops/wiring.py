@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from coordinator.api.auth import require_token
+from coordinator.api.routes import SETTINGS
 from coordinator.engine.caller import BranchCaller
 from coordinator.engine.engine import Engine
 from coordinator.ops.hooks import ObservedCaller, ObservedEngine
@@ -42,8 +43,6 @@ def install(app: web.Application, settings: Settings) -> None:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    from coordinator.api.routes import SETTINGS
-
     server = request.app[SETTINGS].server
     if server.protect_metrics:
         require_token(request, server.api_token)
@@ -86,5 +85,6 @@ async def running(app: web.Application, engine: Engine, service: Any) -> AsyncIt
     if metrics is None:
         yield
         return
-    async with refreshing(Refresher(metrics, engine.store, engine, service)):
+    every = app[SETTINGS].server.metrics_refresh
+    async with refreshing(Refresher(metrics, engine.store, engine, service, every)):
         yield
