@@ -110,7 +110,8 @@ async def test_admin_in_a_real_browser(
     wait.until(ec.presence_of_element_located((By.ID, "transactions")))
     assert d.current_url.endswith("/admin/transactions")
     session_cookie = d.get_cookie("coordinator_admin")
-    assert session_cookie is not None and session_cookie["httpOnly"]
+    assert session_cookie is not None
+    assert session_cookie["httpOnly"]
     assert session_cookie["sameSite"] == "Strict"
     assert TOKEN not in session_cookie["value"]
 
@@ -136,10 +137,12 @@ async def test_admin_in_a_real_browser(
     branch_rows = d.find_elements(By.CSS_SELECTOR, ".branch-row")
     assert len(branch_rows) == 4  # compensate + action per step
     text = d.find_element(By.ID, "branches").text
-    assert participant.url("a2") in text and '{"step":2}' in text
+    assert participant.url("a2") in text
+    assert '{"step":2}' in text
     assert d.find_element(By.ID, "status").text == "succeed"
     assert "finished: succeed" in d.find_element(By.ID, "timeline").text
-    assert "branch-secret-value" not in d.page_source and TOKEN not in d.page_source
+    assert "branch-secret-value" not in d.page_source
+    assert TOKEN not in d.page_source
     assert "Authorization" in d.page_source  # the header's name is shown, not its value
     shot(d, "admin-transaction.png", tmp_path)
 
@@ -194,12 +197,14 @@ async def test_admin_token_rules_without_a_browser(
     base = admin_coordinator.base
     async with aiohttp.ClientSession() as anon:
         async with anon.get(f"{base}/admin/transactions", allow_redirects=False) as r:
-            assert r.status == 303 and r.headers["Location"].startswith("/admin/login")
+            assert r.status == 303
+            assert r.headers["Location"].startswith("/admin/login")
         async with anon.post(f"{base}/admin/transactions/x/force-stop") as r:
             assert r.status == 401
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     async with session.get(f"{base}/admin/transactions", headers=bearer) as r:
-        assert r.status == 200 and TOKEN not in await r.text()
+        assert r.status == 200
+        assert TOKEN not in await r.text()
     # A logged-in browser's form without the CSRF value (another site's form) is refused.
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
         async with browser.get(f"{base}/admin/login") as r:
