@@ -153,6 +153,8 @@ class CoordinatorProcess:
         self.prefix = prefix
         self.port = free_port()
         self.env = {k: str(v) for k, v in env.items()}
+        # Flags after the defaults below (a later --log-level wins).
+        self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         logs = Path(tempfile.gettempdir())
         self.log_path = logs / f"coordinator-{prefix}-{self.port}.log"
@@ -178,7 +180,7 @@ class CoordinatorProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coordinator", "serve", "--port", str(self.port),
-             "--redis-url", self.redis_url, "--log-level", "WARNING"],
+             "--redis-url", self.redis_url, "--log-level", "WARNING", *self.extra_args],
             cwd=ROOT,
             env=env,
             stdout=log,
