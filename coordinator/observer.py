@@ -8,20 +8,19 @@ engine does not import prometheus-client, and tests can count calls with a subcl
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from coordinator.machines.base import Outcome
-from coordinator.model import Branch, Status, Trans
+from coordinator.model import Status, Trans
 
 
 class Observer:
     def finished(self, trans: Trans, status: Status, now_ms: int) -> None:
         """A transaction reached succeed or failed under this engine."""
 
-    def branches_done(
-        self, trans: Trans, branches: Sequence[Branch], outcomes: Mapping[str, Outcome]
-    ) -> None:
-        """One round of branch operations got its outcomes (empty URLs included)."""
+    def branches_done(self, trans: Trans, outcomes: Mapping[str, Outcome]) -> None:
+        """One round of branch operations got its outcomes, keyed by `Branch.key`
+        ("01:action"); empty URLs included."""
 
     def retried(self, trans: Trans) -> None:
         """A round ended in a retry later (ongoing or error)."""

@@ -184,11 +184,26 @@ async def test_admin_in_a_real_browser(
     await in_thread(d.switch_to.alert.accept)
     wait.until(lambda drv: not drv.find_elements(
         By.CSS_SELECTOR, f'.subscriber[data-topic="{prefix}-topic"]'))
+    # Delete a whole topic.
+    await api.get("subscribe", topic=f"{prefix}-gone", url=participant.url("s"))
+    await in_thread(open_page, "/admin/topics")
+    Select(d.find_element(By.ID, "delete-topic")).select_by_value(f"{prefix}-gone")
+    d.find_element(By.ID, "delete-button").click()
+    wait.until(ec.alert_is_present())
+    await in_thread(d.switch_to.alert.accept)
+    wait.until(lambda drv: not drv.find_elements(
+        By.CSS_SELECTOR, f'.subscriber[data-topic="{prefix}-gone"]'))
+    assert f"{prefix}-gone" not in await store_topics(api)
 
     # The dashboard reads the metrics: the finished transactions are counted.
     await in_thread(open_page, "/admin/dashboard")
     assert int(d.find_element(By.ID, "transactions_ok").text) >= 2
     assert int(d.find_element(By.ID, "transactions_fail").text) == 0  # force-stop: no round
+
+
+async def store_topics(api: Api) -> list[str]:
+    _, body = await api.get("scanKV", cat="topics")
+    return [item["k"] for item in body["kv"]]
 
 
 async def test_admin_token_rules_without_a_browser(

@@ -195,6 +195,14 @@ async def test_workers_scrape_sums_every_process(
     try:
         await asyncio.sleep(1.0)  # both children listening
         await submit_all(session, coord.api, [empty_saga(f"{prefix}-{i}") for i in range(30)])
+
+        async def converged() -> bool:
+            async with aiohttp.ClientSession() as fresh:
+                m = await scrape(fresh, coord.base)
+            return total(m, "dtm_transaction_process_total", status="ok") == 30
+
+        # Each worker hands its counts over once a second.
+        await wait_for(converged, 3, 0.1, "the totals of both workers")
         seen = set()
         for _ in range(8):
             # A new connection each time, so the kernel may pick either child.

@@ -305,7 +305,7 @@ class Run:
             for r in results:
                 if isinstance(r, asyncio.CancelledError):
                     raise r
-        self.engine.observer.branches_done(self.trans, plan.calls, outcomes)
+        self.engine.observer.branches_done(self.trans, outcomes)
         verdict = self.machine.absorb(self.trans, outcomes, self.now(), self.defaults)
         self.trans = self.trans.with_branches(dict(verdict.branch_updates))
         self.pending.update(verdict.branch_updates)

@@ -4,8 +4,11 @@ dtm's dashboards and alert rules keep working because the six `dtm_*` series car
 names and labels of dtm's `dtmsvr/metrics.go` (status "ok"/"fail", api = the last path
 segment in lower case). Ours are prefixed `coordinator_`.
 
-Hot-path cost: label children are looked up once and kept in dicts, so recording is a
-dict hit and an increment. Values read from Redis (backlog, oldest due age, unfinished
+Hot-path cost: prometheus-client's own counters and histograms take a lock per
+update (and in multiprocess mode write an mmapped file), several microseconds per
+transaction in all. So the hooks only add to plain dicts (`_Pending`), and a flush
+every second (and before every scrape this process answers) moves the sums into the
+prometheus-client objects. Values read from Redis (backlog, oldest due age, unfinished
 by status) are refreshed by a background task every `server.metrics_refresh` seconds;
 a scrape only
 renders what is already in memory and never touches Redis.
@@ -19,11 +22,12 @@ child sums the files of all of them.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -40,7 +44,7 @@ from prometheus_client import (
 
 from coordinator import __version__
 from coordinator.machines.base import Outcome, OutcomeKind
-from coordinator.model import UNFINISHED, Branch, Status, Trans
+from coordinator.model import UNFINISHED, Status, Trans
 from coordinator.observer import Observer
 
 log = logging.getLogger("coordinator.metrics")
@@ -50,6 +54,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # How many due-index entries per partition the refresher reads statuses of.
 STATUS_SAMPLE = 1000
+FLUSH_SECONDS = 1.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -129,51 +134,70 @@ class Metrics(Observer):
             "coordinator_wait_result_waiters", "Submit requests waiting for the outcome",
             registry=r, multiprocess_mode="livesum",
         )
-        self._children: dict[tuple[Any, ...], Any] = {}
+        self._counts: dict[tuple[Any, tuple[str, ...]], int] = {}
+        self._observed: dict[tuple[Any, tuple[str, ...]], _Pending] = {}
+        self._branches: dict[tuple[str, str, bool], int] = {}
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    def _count(self, metric: Any, labels: tuple[str, ...]) -> None:
+        key = (metric, labels)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def _observe(self, metric: Histogram, labels: tuple[str, ...], value: float) -> None:
+        pending = self._observed.get((metric, labels))
+        if pending is None:
+            child = metric.labels(*labels)
+            pending = self._observed[(metric, labels)] = _Pending(child)
+        pending.add(value)
+
+    def flush(self) -> None:
+        """Move what the hooks recorded into the prometheus-client metrics."""
+        counts, self._counts = self._counts, {}
+        for (metric, labels), n in counts.items():
+            (metric.labels(*labels) if labels else metric).inc(n)
+        branches, self._branches = self._branches, {}
+        for (model, key, ok), n in branches.items():
+            branch_id, _, op = key.partition(":")
+            self.branch_total.labels(model, branch_id, op, "ok" if ok else "fail").inc(n)
+        for pending in self._observed.values():
+            pending.flush()
 
     # -- Observer hooks (engine and store) ------------------------------------------------
 
     def finished(self, trans: Trans, status: Status, now_ms: int) -> None:
         ok = "ok" if status is Status.SUCCEED else "fail"
-        self._child(self.transaction_total, trans.trans_type, ok).inc()
+        self._count(self.transaction_total, (trans.trans_type, ok))
         if trans.create_time:
             seconds = max(0.0, (now_ms - trans.create_time) / 1000)
-            self._child(self.transaction_duration, trans.trans_type).observe(seconds)
+            self._observe(self.transaction_duration, (trans.trans_type,), seconds)
 
-    def branches_done(
-        self, trans: Trans, branches: Sequence[Branch], outcomes: Mapping[str, Outcome]
-    ) -> None:
-        for b in branches:
-            outcome = outcomes.get(b.key)
-            ok = "ok" if outcome is not None and outcome.kind is OutcomeKind.SUCCESS else "fail"
-            self._child(self.branch_total, trans.trans_type, b.branch_id, b.op.value, ok).inc()
+    def branches_done(self, trans: Trans, outcomes: Mapping[str, Outcome]) -> None:
+        # Keyed by the branch key as it comes; split into branchid/branchtype at flush.
+        counts = self._branches
+        model = trans.trans_type
+        for key, outcome in outcomes.items():
+            k = (model, key, outcome.kind is OutcomeKind.SUCCESS)
+            counts[k] = counts.get(k, 0) + 1
 
     def retried(self, trans: Trans) -> None:
-        self._child(self.retries, trans.trans_type).inc()
+        self._count(self.retries, (trans.trans_type,))
 
     def lease_takeover(self) -> None:
-        self.takeovers.inc()
+        self._count(self.takeovers, ())
 
     def script(self, name: str, seconds: float) -> None:
-        self._child(self.script_latency, name).observe(seconds)
+        self._observe(self.script_latency, (name,), seconds)
 
     def branch_call(self, outcome: OutcomeKind, seconds: float) -> None:
-        self._child(self.branch_latency, outcome.value).observe(seconds)
+        self._observe(self.branch_latency, (outcome.value,), seconds)
 
     # -- HTTP --------------------------------------------------------------------------
 
     def request(self, api: str, failed: bool, seconds: float) -> None:
-        self._child(self.process_total, "http", api, "fail" if failed else "ok").inc()
-        self._child(self.response_duration, "http", api).observe(seconds)
+        self._count(self.process_total, ("http", api, "fail" if failed else "ok"))
+        self._observe(self.response_duration, ("http", api), seconds)
 
     def render(self) -> bytes:
+        self.flush()
         if multiprocess_dir():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -208,6 +232,39 @@ class Metrics(Observer):
         return out
 
 
+class _Pending:
+    """Observations of one histogram child not yet handed to prometheus-client.
+
+    The bucket search is a bisect over the same bounds; flushing adds the counts to
+    the child's own bucket and sum values (the attributes its `observe` updates).
+    """
+
+    __slots__ = ("bounds", "child", "counts", "total")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds: list[float] = list(child._upper_bounds)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def flush(self) -> None:
+        if not any(self.counts):
+            return
+        counts, self.counts = self.counts, [0] * len(self.bounds)
+        total, self.total = self.total, 0.0
+        for i, n in enumerate(counts):
+            if n:
+                self.child._buckets[i].inc(n)
+        self.child._sum.inc(total)
+
+
+_API_NAMES: dict[str, str] = {}
+
+
 def api_name(request: web.Request) -> str:
     """dtm's `api` label: the route's last path segment in lower case.
 
@@ -218,8 +275,12 @@ def api_name(request: web.Request) -> str:
     resource = info.route.resource if info.http_exception is None else None
     if resource is None:
         return "unknown"
-    parts = [p for p in resource.canonical.split("/") if p and not p.startswith("{")]
-    return parts[-1].lower() if parts else "root"
+    canonical = resource.canonical
+    name = _API_NAMES.get(canonical)
+    if name is None:
+        parts = [p for p in canonical.split("/") if p and not p.startswith("{")]
+        name = _API_NAMES[canonical] = parts[-1].lower() if parts else "root"
+    return name
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -287,14 +348,19 @@ class Refresher:
             m.unfinished.labels(status).set(n)
 
     async def run(self) -> None:
+        next_refresh = 0.0
         while True:
-            try:
-                await self.refresh_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis away: keep the last values, try again later
-                log.warning("refreshing metrics from Redis failed: %s", exc)
-            await asyncio.sleep(self.every)
+            # Each second, so that a scrape answered by another worker lags at most that.
+            self.metrics.flush()
+            if time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + self.every
+                try:
+                    await self.refresh_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Redis away: keep the last values, try later
+                    log.warning("refreshing metrics from Redis failed: %s", exc)
+            await asyncio.sleep(min(FLUSH_SECONDS, self.every))
 
 
 @contextlib.asynccontextmanager

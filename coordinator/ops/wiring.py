@@ -53,7 +53,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
 def tracing_middleware(tracing: Tracing) -> Any:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/api/dtmsvr/"):
+        if not request.path.startswith(("/api/dtmsvr/", "/api/json-rpc")):
             return await handler(request)
         name = f"{request.method} {request.path.rsplit('/', 1)[-1]}"
         with tracing.span(name, headers=request.headers, server=True) as span:
