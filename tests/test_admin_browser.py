@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,31 @@ async def test_admin_token_rules_without_a_browser(
         async with anon.post(f"{base}/admin/transactions/x/force-stop") as r:
             assert r.status == 401
     bearer = {"Authorization": f"Bearer {TOKEN}"}
+    api = Api(session, admin_coordinator.api)
+    for i in range(3):
+        body = {"gid": f"{prefix}-p{i}", "trans_type": "saga", "wait_result": True,
+                "steps": [{"action": "", "compensate": ""}], "payloads": [""]}
+        assert (await api.post("submit", body))[0] == 200
+
+    async def listed(query: str) -> tuple[list[str], str]:
+        async with session.get(f"{base}/admin/transactions?{query}", headers=bearer) as r:
+            assert r.status == 200
+            html = await r.text()
+        gids = re.findall(r'class="trans-row" data-gid="([^"]+)"', html)
+        link = re.search(r'href="([^"]+)" id="next-page"', html)
+        return gids, link.group(1).replace("&amp;", "&") if link else ""
+
+    # Paging, newest first, one at a time.
+    gids, link = await listed(f"gid={prefix}-p&limit=1")
+    seen = list(gids)
+    while link:
+        gids, link = await listed(link.split("?", 1)[1])
+        seen += gids
+    assert seen == [f"{prefix}-p2", f"{prefix}-p1", f"{prefix}-p0"]
+    # The time range: all were created before now + 1 min, none after it.
+    later = time.strftime("%Y-%m-%dT%H:%M", time.gmtime(time.time() + 60))
+    assert len((await listed(f"gid={prefix}-p&to={later}"))[0]) == 3
+    assert (await listed(f"gid={prefix}-p&from={later}"))[0] == []
     async with session.get(f"{base}/admin/transactions", headers=bearer) as r:
         assert r.status == 200
         assert TOKEN not in await r.text()

@@ -58,6 +58,10 @@ class ObservedCaller(BranchCaller):
         self.metrics = metrics
         self.tracing = tracing
 
+    def __getattr__(self, name: str) -> Any:
+        # Anything else the engine or the app asks of the caller is the inner one's.
+        return getattr(self.inner, name)
+
     async def call(self, trans: Trans, branch: Branch) -> Outcome:
         # gather() runs each call in a task of its own, so this binding stays per branch.
         context = log_context.get() or {}

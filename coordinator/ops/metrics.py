@@ -137,6 +137,7 @@ class Metrics(Observer):
         self._counts: dict[tuple[Any, tuple[str, ...]], int] = {}
         self._observed: dict[tuple[Any, tuple[str, ...]], _Pending] = {}
         self._branches: dict[tuple[str, str, bool], int] = {}
+        self._requests: dict[str, _Pending] = {}
 
     def _count(self, metric: Any, labels: tuple[str, ...]) -> None:
         key = (metric, labels)
@@ -160,6 +161,12 @@ class Metrics(Observer):
             self.branch_total.labels(model, branch_id, op, "ok" if ok else "fail").inc(n)
         for pending in self._observed.values():
             pending.flush()
+        for api, pending in self._requests.items():
+            requests, failed = pending.flush()
+            if requests - failed:
+                self.process_total.labels("http", api, "ok").inc(requests - failed)
+            if failed:
+                self.process_total.labels("http", api, "fail").inc(failed)
 
     # -- Observer hooks (engine and store) ------------------------------------------------
 
@@ -193,8 +200,13 @@ class Metrics(Observer):
     # -- HTTP --------------------------------------------------------------------------
 
     def request(self, api: str, failed: bool, seconds: float) -> None:
-        self._count(self.process_total, ("http", api, "fail" if failed else "ok"))
-        self._observe(self.response_duration, ("http", api), seconds)
+        # One lookup per request: the API's latency histogram and its ok/fail counts.
+        pending = self._requests.get(api)
+        if pending is None:
+            pending = self._requests[api] = _Pending(self.response_duration.labels("http", api))
+        pending.add(seconds)
+        if failed:
+            pending.failed += 1
 
     def render(self) -> bytes:
         self.flush()
@@ -239,27 +251,33 @@ class _Pending:
     the child's own bucket and sum values (the attributes its `observe` updates).
     """
 
-    __slots__ = ("bounds", "child", "counts", "total")
+    __slots__ = ("bounds", "child", "counts", "failed", "n", "total")
 
     def __init__(self, child: Any) -> None:
         self.child = child
         self.bounds: list[float] = list(child._upper_bounds)
         self.counts = [0] * len(self.bounds)
         self.total = 0.0
+        self.n = 0
+        self.failed = 0  # used by API requests: how many of the n answered 4xx/5xx
 
     def add(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
+        self.n += 1
 
-    def flush(self) -> None:
-        if not any(self.counts):
-            return
+    def flush(self) -> tuple[int, int]:
+        """Hand the observations over; (how many, how many failed)."""
+        if not self.n:
+            return 0, 0
         counts, self.counts = self.counts, [0] * len(self.bounds)
         total, self.total = self.total, 0.0
+        done, self.n, failed, self.failed = self.n, 0, self.failed, 0
         for i, n in enumerate(counts):
             if n:
                 self.child._buckets[i].inc(n)
         self.child._sum.inc(total)
+        return done, failed
 
 
 _API_NAMES: dict[str, str] = {}
@@ -290,13 +308,14 @@ def metrics_middleware(metrics: Metrics) -> Any:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        failed = True
         try:
             response = await handler(request)
-            failed = response.status >= 400
-            return response
-        finally:
-            metrics.request(api_name(request), failed, time.perf_counter() - started)
+        except BaseException:
+            metrics.request(api_name(request), True, time.perf_counter() - started)
+            raise
+        metrics.request(api_name(request), response.status >= 400,
+                        time.perf_counter() - started)
+        return response
 
     return middleware
 
