@@ -106,7 +106,8 @@ async def test_admin_in_a_real_browser(
     assert "/admin/login" in d.current_url
     d.find_element(By.ID, "token").send_keys("wrong")
     d.find_element(By.ID, "login-button").click()
-    assert "not the token" in d.find_element(By.ID, "error").text
+    error = wait.until(ec.presence_of_element_located((By.ID, "error")))
+    assert "not the token" in error.text
     d.find_element(By.ID, "token").send_keys(TOKEN)
     await in_thread(d.find_element(By.ID, "login-button").click)
     wait.until(ec.presence_of_element_located((By.ID, "transactions")))
@@ -179,7 +180,8 @@ async def test_admin_in_a_real_browser(
     d.find_element(By.ID, "s-topic").send_keys(f"{prefix}-topic")
     d.find_element(By.ID, "s-url").send_keys(participant.url("sub"))
     await in_thread(d.find_element(By.ID, "add-subscriber").click)
-    subs = d.find_elements(By.CSS_SELECTOR, f'.subscriber[data-topic="{prefix}-topic"]')
+    subs = wait.until(lambda drv: drv.find_elements(
+        By.CSS_SELECTOR, f'.subscriber[data-topic="{prefix}-topic"]'))
     assert len(subs) == 1
     subs[0].find_element(By.TAG_NAME, "button").click()
     wait.until(ec.alert_is_present())

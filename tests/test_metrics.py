@@ -4,7 +4,9 @@ counters, the token, one total over `--workers 2`, and metrics turned off."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -191,8 +193,11 @@ async def test_token_and_metrics_off(
 async def test_workers_scrape_sums_every_process(
     redis_url: str, prefix: str, session: aiohttp.ClientSession
 ) -> None:
+    before = set(Path(tempfile.gettempdir()).glob("coordinator-metrics-*"))
     coord = await CoordinatorProcess(redis_url, prefix, COORDINATOR_SERVER_WORKERS="2").start()
     try:
+        made = set(Path(tempfile.gettempdir()).glob("coordinator-metrics-*")) - before
+        assert len(made) == 1  # the parent's per-run directory for the children's values
         await asyncio.sleep(1.0)  # both children listening
         await submit_all(session, coord.api, [empty_saga(f"{prefix}-{i}") for i in range(30)])
 
@@ -215,3 +220,4 @@ async def test_workers_scrape_sums_every_process(
         assert len(seen) > 1  # the scrapes themselves are counted, across processes
     finally:
         await coord.aclose()
+    assert not any(d.exists() for d in made)  # removed at exit
