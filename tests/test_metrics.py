@@ -206,7 +206,7 @@ async def test_workers_scrape_sums_every_process(
                 m = await scrape(fresh, coord.base)
             return total(m, "dtm_transaction_process_total", status="ok") == 30
 
-        # Each worker hands its counts over once a second.
+        # Each worker hands its counts over every half second.
         await wait_for(converged, 3, 0.1, "the totals of both workers")
         seen = set()
         for _ in range(8):

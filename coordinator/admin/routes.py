@@ -151,6 +151,8 @@ async def transactions(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text=str(exc)) from None
     store = request.app[STORE]
     position = q.get("position", "")
+    if position and (len(position) < 15 or position[13] != ":" or not position[:13].isdigit()):
+        raise web.HTTPBadRequest(text="position is not one this page made")
     rows: list[Trans] = []
     next_position = ""
     for _ in range(MAX_PAGES_SCANNED):

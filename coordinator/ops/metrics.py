@@ -7,11 +7,11 @@ segment in lower case). Ours are prefixed `coordinator_`.
 Hot-path cost: prometheus-client's own counters and histograms take a lock per
 update (and in multiprocess mode write an mmapped file), several microseconds per
 transaction in all. So the hooks only add to plain dicts (`_Pending`), and a flush
-every second (and before every scrape this process answers) moves the sums into the
-prometheus-client objects. Values read from Redis (backlog, oldest due age, unfinished
-by status) are refreshed by a background task every `server.metrics_refresh` seconds;
-a scrape only
-renders what is already in memory and never touches Redis.
+every half second (and before every scrape this process answers) moves the sums
+into the prometheus-client objects. Values read from Redis (backlog, oldest due age,
+unfinished by status) are refreshed by a background task every
+`server.metrics_refresh` seconds; a scrape only renders what is already in memory
+and never touches Redis.
 
 With `--workers N` the parent sets PROMETHEUS_MULTIPROC_DIR (a directory it creates
 and removes, see coordinator/workers.py) before the children start, prometheus-client
@@ -54,7 +54,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # How many due-index entries per partition the refresher reads statuses of.
 STATUS_SAMPLE = 1000
-FLUSH_SECONDS = 1.0
+FLUSH_SECONDS = 0.5
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -369,7 +369,7 @@ class Refresher:
     async def run(self) -> None:
         next_refresh = 0.0
         while True:
-            # Each second, so that a scrape answered by another worker lags at most that.
+            # Often, so that a scrape answered by another worker lags at most that much.
             self.metrics.flush()
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + self.every
