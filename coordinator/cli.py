@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
 from coordinator import __version__
+from coordinator.ops.logs import setup as setup_logs
 from coordinator.settings import Settings, SettingsError
 
 
@@ -48,7 +48,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="Redis to keep state in; without it a private redis-server is started "
         "(env: COORDINATOR_REDIS_URL)",
     )
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--log-level", default="INFO",
+                   help="DEBUG, INFO, WARNING, ERROR; per module too: "
+                   "coordinator.engine=DEBUG,INFO")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text lines, or one JSON object per line")
 
 
 def serve(settings: Settings) -> None:
@@ -139,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="run redis-cli against the configured or the private Redis",
         usage="coordinator redis-cli [--config FILE] [--redis-url URL] [--] [redis-cli args…]",
     )
+    from coordinator.ops_cli import add_ops_commands, run_ops
+
+    add_ops_commands(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["redis-cli"] and argv[1:2] not in (["-h"], ["--help"]):
         # Everything after the coordinator's own options belongs to redis-cli, so argparse
@@ -154,10 +161,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             has_bench = True
             add_bench_arguments(p_bench)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.command in ("txn", "topics"):
+        sys.exit(run_ops(args))
+    try:
+        setup_logs(str(args.log_level), getattr(args, "log_format", "text"))
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.command == "bench":
         if not has_bench:
             parser.error("the benchmarks live in bench/ of a source checkout")

@@ -44,6 +44,12 @@ class ServerSettings:
     protect_transaction_routes: bool = False
     # Require the token on /api/metrics (open by default so Prometheus can scrape it).
     protect_metrics: bool = False
+    # Prometheus metrics at /api/metrics; false removes the route and every hook's cost.
+    metrics: bool = True
+    # Seconds between reads of the Redis-derived gauges (backlog, oldest due, unfinished).
+    metrics_refresh: float = 5.0
+    # OpenTelemetry spans (needs the `otel` extra); the exporter reads OTEL_* variables.
+    tracing: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,7 @@ class Settings:
             (0 <= self.server.grpc_port < 65536, "server.grpc_port must be 0..65535"),
             (self.server.max_body_bytes >= 1024, "server.max_body_bytes must be >= 1024"),
             (1 <= self.server.workers <= 256, "server.workers must be 1..256"),
+            (self.server.metrics_refresh > 0, "server.metrics_refresh must be > 0"),
             (1 <= self.redis.partitions <= 4096, "redis.partitions must be 1..4096"),
             (bool(self.redis.key_prefix), "redis.key_prefix must not be empty"),
             (self.redis.cluster in ("auto", "true", "false"),

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from coordinator.embedded_redis import EmbeddedRedis
@@ -41,6 +43,10 @@ async def _supervise(settings: Settings) -> int:
         COORDINATOR_SERVER_REUSE_PORT="true",
     )
     env[PARENT_PID_ENV] = str(os.getpid())
+    # Metrics of all children in one scrape: prometheus-client's multiprocess mode keeps
+    # each child's values in files of this run's own directory, removed at the end.
+    metrics_dir = tempfile.mkdtemp(prefix="coordinator-metrics-")
+    env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     children = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-m", "coordinator", "serve", *_passthrough_args(), env=env,
@@ -72,6 +78,7 @@ async def _supervise(settings: Settings) -> int:
                 await child.wait()
         if embedded is not None:
             await embedded.stop()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return max((abs(c.returncode or 0) for c in children), default=0)
 
 

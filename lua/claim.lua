@@ -8,7 +8,8 @@
 -- ARGV[1] = owner token prefix; each claim gets "<prefix>:<k>"
 -- ARGV[2] = lease length in ms
 -- ARGV[2+k] = gid of candidate k
--- returns {now_ms, {gid, token, {trans field, value, ...}, {branch key, json, ...}}, ...}
+-- returns {now_ms, {gid, token, {trans field, value, ...}, {branch key, json, ...},
+--          previous owner ('' unless a lease that ran out was taken over)}, ...}
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -34,7 +35,7 @@ for i = 3, #ARGV do
       redis.call('HSET', tkey, 'owner', token, 'lease_until', string.format('%d', until_ms))
       redis.call('ZADD', KEYS[1], until_ms, gid)
       out[#out + 1] = {gid, token, redis.call('HGETALL', tkey),
-        redis.call('HGETALL', KEYS[2 * k + 1])}
+        redis.call('HGETALL', KEYS[2 * k + 1]), rec[2] or ''}
     end
   end
 end

@@ -26,10 +26,11 @@ from coordinator.machines.msg import MsgMachine
 from coordinator.machines.saga import SagaMachine
 from coordinator.machines.tcc import TccMachine, XaMachine
 from coordinator.machines.workflow import WorkflowMachine
+from coordinator.ops import wiring
+from coordinator.ops.hooks import ObservedService
 from coordinator.registry.etcd import EtcdTls
 from coordinator.registry.publisher import Publisher
 from coordinator.registry.resolver import Resolvers
-from coordinator.service import Service
 from coordinator.settings import Settings
 from coordinator.store.connect import log_topology, open_store
 
@@ -55,6 +56,7 @@ def create_app(settings: Settings) -> web.Application:
     add_routes(app)
     app.router.add_post("/api/json-rpc", handle_json_rpc)
     app.router.add_get("/api/health", handle_health)
+    wiring.install(app, settings)  # /api/metrics, /admin, tracing
     return app
 
 
@@ -95,10 +97,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession(connector=connector, skip_auto_headers=["User-Agent"])
         pool = Http1Pool(limit_per_host=256)
         caller = BranchCaller(session, settings.engine.request_timeout, pool, grpc_caller)
-        engine = Engine(store, caller, MACHINES, settings.engine)
+        caller = wiring.observed_caller(app, caller)
+        engine = wiring.observed_engine(app, store, caller, MACHINES, settings.engine)
         app[STORE] = store
         app[ENGINE] = engine
-        app[SERVICE] = Service(engine, settings)
+        app[SERVICE] = ObservedService(engine, settings)
         engine.start()
         if settings.server.grpc_port:
             # Same process, same event loop, same Service as the HTTP front.
@@ -111,7 +114,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             publisher = Publisher(registry.target, settings.advertised_endpoint(), tls)
             publisher.start()
             log.info("registering %s in %s", publisher.endpoint, publisher.target.describe())
-        yield
+        async with wiring.running(app, engine, app[SERVICE]):
+            yield
     finally:
         if publisher is not None:
             # First, so clients stop picking this coordinator while it drains.

@@ -33,6 +33,7 @@ from coordinator.machines.base import (
     next_interval,
 )
 from coordinator.model import FINISHED, Branch, BranchStatus, Status, Trans, evolve
+from coordinator.observer import NULL_OBSERVER, Observer
 from coordinator.settings import EngineSettings
 from coordinator.store.base import Store, Transition
 
@@ -61,6 +62,7 @@ class Engine:
         self._next_partition = 0
         self.stats = {"claimed": 0, "finished": 0, "branch_calls": 0, "conflicts": 0}
         self.branch_log = BranchLog()
+        self.observer: Observer = NULL_OBSERVER  # metrics hooks (coordinator/observer.py)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -171,6 +173,8 @@ class Engine:
             sent = time.monotonic()  # the lease runs from (at latest) the claim's send
             for item in await self.store.claim(partition, free, self.new_token()):
                 total += 1
+                if item.taken_over:
+                    self.observer.lease_takeover()
                 self.spawn(self._run(item.trans, item.token, item.now, sent))
         self.stats["claimed"] += total
         return total
@@ -325,6 +329,7 @@ class Run:
             for r in results:
                 if isinstance(r, asyncio.CancelledError):
                     raise r
+        self.engine.observer.branches_done(self.trans, outcomes)
         verdict = self.machine.absorb(self.trans, outcomes, self.now(), self.defaults)
         self.trans = self.trans.with_branches(dict(verdict.branch_updates))
         self.pending.update(verdict.branch_updates)
@@ -336,6 +341,7 @@ class Run:
             return await self._move(verdict.new_status, verdict.reason)
         retry = self._bound_burst(verdict, started)
         if retry is not Retry.NONE:
+            self.engine.observer.retried(self.trans)
             interval = next_interval(self.trans, retry, self.defaults)
             self.pending_fields["next_cron_interval"] = str(interval)
             due = self.now() + interval * 1000
@@ -404,6 +410,7 @@ class Run:
         self.trans = evolve(self.trans, rollback_reason=reason or self.trans.rollback_reason)
         if status in FINISHED:
             self.engine.stats["finished"] += 1
+            self.engine.observer.finished(self.trans, status, self.now())
             return False
         if previous is Status.PREPARED:
             # Branches can be registered until the status leaves prepared (the register

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.model import Branch, BranchStatus, Status, Trans
+from coordinator.observer import NULL_OBSERVER, Observer
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Claimed:
     trans: Trans
     token: str
     now: int
+    # Another worker held it before and its lease ran out (it crashed or stalled).
+    taken_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class Store(abc.ABC):
     """Persistent transaction state. Implementations must be safe for many processes."""
 
     partitions: int
+    # Script latencies are reported here (coordinator/observer.py); a no-op by default.
+    observer: Observer = NULL_OBSERVER
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepare the backend (load scripts, check the layout)."""

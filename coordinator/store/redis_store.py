@@ -163,9 +163,11 @@ class RedisStore(Store):
         self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
     ) -> int:
         keys, args = self.create_call(trans, due_in_ms=due_in_ms, owner=owner, lease_ms=lease_ms)
+        started = time.perf_counter()
         reply = await self._batch.call(self.scripts["create"], keys, args)
         if reply[0] == "EXISTS":
             raise AlreadyExists(trans.gid, reply[1], reply[2] if len(reply) > 2 else "")
+        self.observer.script("create", time.perf_counter() - started)
         raise_for_reply(reply[0], trans.gid, reply[1], "create")
         return int(reply[1])
 
@@ -189,7 +191,9 @@ class RedisStore(Store):
         keys, args = self.transition_call(gid, change)
         # A change by a lease holder is the engine's own; one without is a client's.
         writes = WRITE if change.owner else ACKED
+        started = time.perf_counter()
         reply = await self._batch.call(self.scripts["transition"], keys, args, writes=writes)
+        self.observer.script("transition", time.perf_counter() - started)
         wanted = f"move to '{change.new_status.value}'" if change.new_status else "update"
         raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", wanted)
         return TransitionResult(Status(reply[1]), int(reply[2]), reply[3] == "1")
@@ -197,9 +201,11 @@ class RedisStore(Store):
     @_unavailable_as_503
     async def load(self, gid: str) -> Trans | None:
         keys = self.keys.for_gid(gid)
+        started = time.perf_counter()
         fields, branches = await self._batch.call(
             self.scripts["load"], [keys.trans, keys.branches], [], writes=READ
         )
+        self.observer.script("load", time.perf_counter() - started)
         if not fields:
             return None
         return trans_from_hash(pairs_to_dict(fields), pairs_to_dict(branches))
@@ -234,13 +240,16 @@ class RedisStore(Store):
         keys = [self.keys.due(partition)]
         for gid in gids:
             keys += [tp + gid, bp + gid]
+        started = time.perf_counter()
         reply = await self._batch.call(
             self.scripts["claim"], keys, [token_prefix, self.lease_ms, *gids], writes=READ
         )
+        self.observer.script("claim", time.perf_counter() - started)
         now = int(reply[0])
         return [
-            Claimed(trans_from_hash(pairs_to_dict(f), pairs_to_dict(b)), token, now)
-            for _gid, token, f, b in reply[1:]
+            Claimed(trans_from_hash(pairs_to_dict(f), pairs_to_dict(b)), token, now,
+                    taken_over=bool(previous))
+            for _gid, token, f, b, previous in reply[1:]
         ]
 
     @_unavailable_as_503
