@@ -49,21 +49,13 @@ def serve(settings: Settings) -> None:
         from coordinator.workers import serve_workers
 
         sys.exit(serve_workers(settings))
-    from aiohttp import web
-
     from coordinator.api.app import create_app
+    from coordinator.api.server import serve_app
 
     _install_uvloop()
-    web.run_app(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        access_log=None,
-        print=None,
-        reuse_port=settings.server.reuse_port or None,
-        # In-flight branch calls get the engine's grace period, then the server exits.
-        shutdown_timeout=settings.engine.shutdown_grace,
-    )
+    # Our own serving loop rather than web.run_app: it adds the connection cap and the
+    # keep-alive timeout (api/server.py).
+    asyncio.run(serve_app(create_app(settings), settings))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -17,6 +17,7 @@ import orjson
 
 from coordinator import __version__
 from coordinator.api.render import branch_json, trans_json
+from coordinator.api.urls import UrlPolicy
 from coordinator.api.wire import check_gid, parse_gid_only, parse_register, parse_trans
 from coordinator.engine.engine import Engine
 from coordinator.errors import (
@@ -46,6 +47,7 @@ class Service:
         self.engine = engine
         self.store = engine.store
         self.settings = settings
+        self.urls = UrlPolicy(settings.engine.allowed_branch_hosts)
 
     # -- creating and finishing ------------------------------------------------------------
 
@@ -64,7 +66,7 @@ class Service:
             raise TransactionFailure(f"topic {exc.args[0]!r} has no subscribers") from None
 
     async def prepare(self, body: bytes | Mapping[str, Any]) -> None:
-        trans = await self._with_branches(parse_trans(body, Status.PREPARED).trans)
+        trans = await self._with_branches(parse_trans(body, Status.PREPARED, self.urls).trans)
         # A prepared transaction is looked at again when it times out (msg back-check,
         # tcc/xa rollback, workflow recovery).
         due = timeout_of(trans, self.engine.defaults) * 1000
@@ -77,7 +79,7 @@ class Service:
                 ) from None
 
     async def submit(self, body: bytes | Mapping[str, Any]) -> None:
-        req = parse_trans(body, Status.SUBMITTED)
+        req = parse_trans(body, Status.SUBMITTED, self.urls)
         trans = req.trans
         if trans.trans_type == "workflow":
             await self._finish_workflow(trans, req.req_extra)
@@ -191,7 +193,7 @@ class Service:
     # -- run-time branches ------------------------------------------------------------------
 
     async def register_branch(self, body: bytes | Mapping[str, Any]) -> None:
-        data = parse_register(body)
+        data = parse_register(body, self.urls)
         gid, bid, kind = data["gid"], data["branch_id"], data["trans_type"]
         payload = data.get("data", "")
         upsert = False
@@ -216,7 +218,7 @@ class Service:
             raise TransactionFailure(f"no prepared transaction with gid '{gid}'") from None
 
     async def prepare_workflow(self, body: bytes | Mapping[str, Any]) -> dict[str, Any]:
-        trans = parse_trans(body, Status.PREPARED).trans
+        trans = parse_trans(body, Status.PREPARED, self.urls).trans
         if trans.trans_type != "workflow":
             raise BadRequest("prepareWorkflow needs trans_type workflow", "trans_type")
         due = timeout_of(trans, self.engine.defaults) * 1000
@@ -270,6 +272,7 @@ class Service:
 
     async def subscribe(self, topic: str, url: str, remark: str) -> None:
         _check_topic(topic, url)
+        self.urls.check(url, "url")
         try:
             await self.store.change_topic(True, topic, url, remark)
         except AlreadyExists:

@@ -148,7 +148,10 @@ class Participant:
 class CoordinatorProcess:
     """`coordinator serve` as a child process, on its own port and key prefix."""
 
-    def __init__(self, redis_url: str, prefix: str, **env: Any) -> None:
+    def __init__(
+        self, redis_url: str, prefix: str, log_level: str = "WARNING", **env: Any
+    ) -> None:
+        self.log_level = log_level
         self.redis_url = redis_url
         self.prefix = prefix
         self.port = free_port()
@@ -178,7 +181,7 @@ class CoordinatorProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coordinator", "serve", "--port", str(self.port),
-             "--redis-url", self.redis_url, "--log-level", "WARNING"],
+             "--redis-url", self.redis_url, "--log-level", self.log_level],
             cwd=ROOT,
             env=env,
             stdout=log,

@@ -11,10 +11,17 @@ from coordinator.store.codec import options_to_json
 
 
 def rfc3339(ms: int) -> str | None:
-    if not ms:
+    """A stored time as dtm writes it; None (left out) for zero and for any value no
+    calendar holds: rendering must not fail on what a read finds in Redis, or one bad
+    record turns `query` and every `all` page holding it into a 500."""
+    if not ms or not 0 < ms < _MAX_MS:
         return None
     moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+# 9999-12-31T23:59:59.999Z, the last moment datetime can hold.
+_MAX_MS = 253_402_300_800_000
 
 
 def _put(out: dict[str, Any], name: str, value: Any) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from coordinator.api.envelope import json_response, success
+from coordinator.api.auth import require_token
+from coordinator.api.envelope import Handler, json_response, success
 from coordinator.engine.engine import Engine
 from coordinator.errors import BadRequest
 from coordinator.service import Service, new_gid
@@ -132,23 +133,51 @@ async def handle_query_kv(request: web.Request) -> web.Response:
     return json_response({"kv": kv})
 
 
+# Who may call a route (see auth.py): OPEN always; TRANSACTION unless
+# server.protect_transaction_routes, since dtm's clients cannot send a token; OPERATOR
+# only with the token once server.api_token is set.
+OPEN, TRANSACTION, OPERATOR = "open", "transaction", "operator"
+
+ROUTES: list[tuple[str, str, Handler, str]] = [
+    ("GET", "/api/ping", handle_ping, OPEN),
+    ("GET", f"{PREFIX}/version", handle_version, OPEN),
+    ("GET", f"{PREFIX}/newGid", handle_new_gid, TRANSACTION),
+    ("POST", f"{PREFIX}/prepare", handle_prepare, TRANSACTION),
+    ("POST", f"{PREFIX}/submit", handle_submit, TRANSACTION),
+    ("POST", f"{PREFIX}/abort", handle_abort, TRANSACTION),
+    ("POST", f"{PREFIX}/forceStop", handle_force_stop, OPERATOR),
+    ("POST", f"{PREFIX}/resetNextCronTime", handle_reset_next_cron_time, OPERATOR),
+    *[("POST", f"{PREFIX}/{name}", handle_register_branch, TRANSACTION)
+      for name in ("registerBranch", "registerTccBranch", "registerXaBranch")],
+    ("POST", f"{PREFIX}/prepareWorkflow", handle_prepare_workflow, TRANSACTION),
+    ("GET", f"{PREFIX}/query", handle_query, TRANSACTION),
+    ("GET", f"{PREFIX}/all", handle_all, OPERATOR),
+    ("GET", f"{PREFIX}/resetCronTime", handle_reset_cron_time, OPERATOR),
+    ("GET", f"{PREFIX}/subscribe", handle_subscribe, OPERATOR),
+    ("GET", f"{PREFIX}/unsubscribe", handle_unsubscribe, OPERATOR),
+    ("DELETE", f"{PREFIX}/topic/{{name}}", handle_delete_topic, OPERATOR),
+    ("GET", f"{PREFIX}/scanKV", handle_scan_kv, OPERATOR),
+    ("GET", f"{PREFIX}/queryKV", handle_query_kv, OPERATOR),
+]
+
+
+def guarded(handler: Handler, access: str) -> Handler:
+    """The handler behind the token check its access class asks for."""
+    if access == OPEN:
+        return handler
+
+    async def check_then_handle(request: web.Request) -> web.StreamResponse:
+        server = request.app[SETTINGS].server
+        if access == OPERATOR or server.protect_transaction_routes:
+            require_token(request, server.api_token)
+        return await handler(request)
+
+    return check_then_handle
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/ping", handle_ping)
-    app.router.add_get(f"{PREFIX}/version", handle_version)
-    app.router.add_get(f"{PREFIX}/newGid", handle_new_gid)
-    app.router.add_post(f"{PREFIX}/prepare", handle_prepare)
-    app.router.add_post(f"{PREFIX}/submit", handle_submit)
-    app.router.add_post(f"{PREFIX}/abort", handle_abort)
-    app.router.add_post(f"{PREFIX}/forceStop", handle_force_stop)
-    app.router.add_post(f"{PREFIX}/resetNextCronTime", handle_reset_next_cron_time)
-    for name in ("registerBranch", "registerTccBranch", "registerXaBranch"):
-        app.router.add_post(f"{PREFIX}/{name}", handle_register_branch)
-    app.router.add_post(f"{PREFIX}/prepareWorkflow", handle_prepare_workflow)
-    app.router.add_get(f"{PREFIX}/query", handle_query)
-    app.router.add_get(f"{PREFIX}/all", handle_all)
-    app.router.add_get(f"{PREFIX}/resetCronTime", handle_reset_cron_time)
-    app.router.add_get(f"{PREFIX}/subscribe", handle_subscribe)
-    app.router.add_get(f"{PREFIX}/unsubscribe", handle_unsubscribe)
-    app.router.add_delete(f"{PREFIX}/topic/{{name}}", handle_delete_topic)
-    app.router.add_get(f"{PREFIX}/scanKV", handle_scan_kv)
-    app.router.add_get(f"{PREFIX}/queryKV", handle_query_kv)
+    for method, path, handler, access in ROUTES:
+        if method == "GET":  # with HEAD, as add_get always gave
+            app.router.add_get(path, guarded(handler, access))
+        else:
+            app.router.add_route(method, path, guarded(handler, access))

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from coordinator.api.urls import OPEN, UrlPolicy
 from coordinator.errors import BadRequest
 from coordinator.machines import msg, saga
 from coordinator.model import TRANS_TYPES, Branch, Options, Status, Trans
@@ -97,6 +98,33 @@ def _string_map(data: Mapping[str, Any], name: str) -> dict[str, str]:
     return dict(value)
 
 
+# RFC 7230 token characters: what a header name may consist of.
+HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
+# Framing and routing headers the branch caller writes itself; a second copy from a
+# client would let it split or redirect the request (request smuggling).
+RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection",
+                              "upgrade", "te", "trailer", "keep-alive"})
+MAX_HEADER_VALUE = 8192
+
+
+def _headers(data: Mapping[str, Any], name: str) -> dict[str, str]:
+    """branch_headers: token names, values without CR, LF, NUL or other controls."""
+    headers = _string_map(data, name)
+    for key, value in headers.items():
+        if not HEADER_NAME.match(key):
+            raise BadRequest(f"{name}: {key[:40]!r} is not a valid header name", name)
+        if key.lower() in RESERVED_HEADERS:
+            raise BadRequest(f"{name}: {key!r} is set by the coordinator itself", name)
+        if len(value) > MAX_HEADER_VALUE or any(
+            (ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value
+        ):
+            raise BadRequest(
+                f"{name}[{key!r}] holds control characters (CR, LF, NUL …) or is too long",
+                name,
+            )
+    return headers
+
+
 def _steps(data: Mapping[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
     raw = data.get("steps")
     if raw is None:
@@ -145,10 +173,23 @@ def parse_gid_only(body: bytes | Mapping[str, Any]) -> tuple[str, dict[str, Any]
     return check_gid(data.get("gid")), data
 
 
-def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest:
+def _check_urls(
+    steps: list[dict[str, str]], query_prepared: str, protocol: str, urls: UrlPolicy
+) -> None:
+    for i, step in enumerate(steps):
+        for key, value in step.items():
+            if key in ("action", "compensate") and not value.startswith(msg.TOPIC_PREFIX):
+                urls.check(value, f"steps[{i}].{key}", protocol)
+    urls.check(query_prepared, "query_prepared", protocol)
+
+
+def parse_trans(
+    body: bytes | Mapping[str, Any], status: Status, urls: UrlPolicy = OPEN
+) -> TransRequest:
     """Validate a prepare/submit body and build the transaction it describes.
 
-    Message branches depend on topic subscriptions, so the service adds them.
+    Message branches depend on topic subscriptions, so the service adds them (their
+    subscriber URLs were checked when subscribed).
     """
     data = load_object(body) if isinstance(body, bytes) else body
     gid = check_gid(data.get("gid"))
@@ -167,7 +208,7 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
         request_timeout=_integer(data, "request_timeout"),
         retry_interval=_integer(data, "retry_interval", minimum=1),
         retry_limit=_integer(data, "retry_limit"),
-        branch_headers=_string_map(data, "branch_headers"),
+        branch_headers=_headers(data, "branch_headers"),
         concurrent=_boolean(data, "concurrent"),
     )
     custom_data = _string(data, "custom_data")
@@ -190,10 +231,16 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
             if set(step) - {"action"}:
                 raise BadRequest(f"steps[{i}] of a msg may only have an action", f"steps[{i}]")
         try:
-            msg.delay_of(custom_data)
+            delay = msg.delay_of(custom_data)
         except ValueError as exc:
             raise BadRequest(str(exc), "custom_data") from None
+        # Bounded like the other time options: a huge delay overflowed the scripts'
+        # integer formatting and left a due time no reader could render.
+        if delay > MAX_OPTION:
+            raise BadRequest(f"custom_data.delay must be at most {MAX_OPTION}", "custom_data")
     req_extra = _string_map(data, "req_extra")
+    query_prepared = _string(data, "query_prepared")
+    _check_urls(steps, query_prepared, protocol, urls)
     trans = Trans(
         gid=gid,
         trans_type=trans_type,
@@ -202,7 +249,7 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
         payloads=tuple(payloads),
         branches=branches,
         custom_data=custom_data,
-        query_prepared=_string(data, "query_prepared"),
+        query_prepared=query_prepared,
         protocol=protocol,
         rollback_reason=_string(data, "rollback_reason"),
         options=options,
@@ -213,7 +260,7 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
 BRANCH_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
-def parse_register(body: bytes | Mapping[str, Any]) -> dict[str, str]:
+def parse_register(body: bytes | Mapping[str, Any], urls: UrlPolicy = OPEN) -> dict[str, str]:
     """registerBranch takes a flat object of strings (gid, branch_id, trans_type, ...)."""
     data = load_object(body) if isinstance(body, bytes) else dict(body)
     out: dict[str, str] = {}
@@ -228,4 +275,6 @@ def parse_register(body: bytes | Mapping[str, Any]) -> dict[str, str]:
         raise BadRequest("branch_id must be 1-64 letters, digits, '-' or '_'", "branch_id")
     if out.get("trans_type") not in ("tcc", "xa", "workflow"):
         raise BadRequest("trans_type must be tcc, xa or workflow", "trans_type")
+    for key in ("url", "confirm", "cancel"):
+        urls.check(out.get(key, ""), key)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Callable
 
 import aiohttp
 import orjson
@@ -26,17 +27,23 @@ class BranchCaller:
     def __init__(
         self, session: aiohttp.ClientSession, default_timeout: float,
         pool: Http1Pool | None = None,
+        may_call: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.session = session
         self.default_timeout = default_timeout
         # Plain-http calls go through the lean keep-alive client; https through aiohttp.
         self.pool = pool
+        # (url, protocol) → may it be called; URLs are checked at submit, this catches
+        # ones stored before the allowlist was narrowed.
+        self.may_call = may_call
 
     async def call(self, trans: Trans, branch: Branch) -> Outcome:
         if not branch.url:
             return SUCCESS
         if not branch.url.startswith(("http://", "https://")):
             return Outcome(OutcomeKind.ERROR, f"unsupported branch URL {branch.url!r}")
+        if self.may_call is not None and not self.may_call(branch.url, trans.protocol):
+            return Outcome(OutcomeKind.ERROR, "URL outside engine.allowed_branch_hosts; not called")
         body = trans.payload_of(branch)
         if trans.protocol == "json-rpc" and "method=" in branch.url:
             return await self._call_json_rpc(trans, branch, body)

@@ -1,0 +1,139 @@
+"""Serving the app: connection cap, read timeouts, and what a misbehaving client costs.
+
+A client that opens a connection and sends nothing, or half a request head, is closed
+after `server.keepalive_timeout` (aiohttp's keep-alive timer runs from the moment a
+connection opens and again after each answer, until a whole head has arrived). A
+client that sends a head and then dribbles or stops its body gets 408 after
+`server.body_timeout`. At most `server.max_connections` connections are open at once;
+one more is closed on arrival, so slow clients cannot exhaust file descriptors.
+
+A body the client itself broke (invalid gzip) is a 400, and a client that hangs up in
+the middle of its body is an INFO line: neither is the server's fault, so neither may
+log a traceback or answer 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
+from coordinator.api.envelope import Handler, json_response
+from coordinator.api.routes import SETTINGS
+
+log = logging.getLogger("coordinator.api")
+
+
+@web.middleware
+async def body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read the whole body within `server.body_timeout`, before the handler sees it
+    (aiohttp keeps it, so the handler's `request.read()` returns it at once)."""
+    if not request.body_exists:
+        return await handler(request)
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].server.body_timeout):
+            await request.read()
+    except TimeoutError:
+        return _closing(json_response({"message": "request body not received in time"}, 408))
+    except RequestPayloadError as exc:
+        # Bad Content-Encoding data or broken chunked framing: the client's mistake.
+        cause = exc.__cause__ or exc
+        message = f"request body cannot be read: {type(cause).__name__}: {cause}"
+        return _closing(json_response({"message": message.strip()[:300]}, 400))
+    except ConnectionError:
+        log.info("%s %s: client %s closed the connection during the request body",
+                 request.method, request.path, request.remote)
+        return _closing(json_response({"message": "connection closed"}, 400))
+    return await handler(request)
+
+
+def _closing(response: web.Response) -> web.Response:
+    # The rest of an unread body would be taken for the next request.
+    response.force_close()
+    return response
+
+
+class _Counted(asyncio.Protocol):
+    """Passes every event to aiohttp's protocol and keeps the open-connection count."""
+
+    def __init__(self, cap: ConnectionCap, inner: asyncio.Protocol | None) -> None:
+        self.cap = cap
+        self.inner = inner  # None: over the cap, closed on arrival
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.inner is None:
+            transport.close()
+            return
+        self.cap.open += 1
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.inner is not None:
+            self.cap.open -= 1
+            self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+
+class ConnectionCap:
+    """A protocol factory around aiohttp's that admits at most `limit` connections."""
+
+    def __init__(self, factory: Any, limit: int) -> None:
+        self.factory = factory
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        # Counted at connection_made: a burst accepted in one loop iteration may pass
+        # the limit by its size before the count catches up (the backlog bounds it).
+        if self.open >= self.limit:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("server.max_connections (%d) reached; closed %d connection(s)",
+                            self.limit, self.refused)
+            return _Counted(self, None)
+        return _Counted(self, self.factory())
+
+
+async def serve_app(app: web.Application, settings: Any) -> None:
+    """Run `app` on server.host:port until SIGINT or SIGTERM, then stop gracefully."""
+    server = settings.server
+    runner = web.AppRunner(
+        app, access_log=None, keepalive_timeout=server.keepalive_timeout,
+        # In-flight branch calls get the engine's grace period, then the server exits.
+        shutdown_timeout=settings.engine.shutdown_grace,
+    )
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    listener: asyncio.AbstractServer | None = None
+    try:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        listener = await loop.create_server(
+            ConnectionCap(runner.server, server.max_connections), server.host, server.port,
+            reuse_port=server.reuse_port or None, backlog=1024,
+        )
+        await stop.wait()
+    finally:
+        if listener is not None:
+            listener.close()
+        await runner.cleanup()
