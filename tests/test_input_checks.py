@@ -50,6 +50,7 @@ async def test_uncallable_urls_are_refused_naming_the_field(
     assert reply["field"] == "steps[1].compensate"
     await asyncio.sleep(0.3)
     assert participant.calls == []  # nothing was stored, so nothing ran
+    assert (await api.query(body["gid"]))["transaction"] is None
 
     qp = {"gid": gid(), "trans_type": "msg", "steps": [{"action": participant.url("a")}],
           "query_prepared": url}
@@ -171,6 +172,7 @@ BAD_HEADERS: list[dict[str, str]] = [
     {"Content-Length": "0"},
     {"Transfer-Encoding": "chunked"},
     {"Host": "other"},
+    {"connection": "close"},
 ]
 
 
@@ -250,6 +252,7 @@ async def test_msg_delay_is_bounded_over_http_and_json_rpc(
         answer = await r.json()
     assert answer["error"]["code"] == -32602
     assert "custom_data.delay" in answer["error"]["message"]
+    assert answer["error"]["data"] == {"field": "custom_data"}
     assert (await api.query(body["gid"]))["transaction"] is None
     body["custom_data"] = f'{{"delay": {MAX_OPTION}}}'
     status, reply = await api.post("submit", body)

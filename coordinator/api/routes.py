@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
+
 from aiohttp import web
 
 from coordinator.api.auth import require_token
@@ -43,6 +46,16 @@ async def handle_version(request: web.Request) -> web.Response:
 
 async def handle_ping(request: web.Request) -> web.Response:
     return json_response({"msg": "pong"})
+
+
+@functools.cache
+def _openapi() -> bytes:
+    # Shipped as package data beside this module (coordinator/api/openapi.json).
+    return (importlib.resources.files("coordinator.api") / "openapi.json").read_bytes()
+
+
+async def handle_openapi(request: web.Request) -> web.Response:
+    return web.Response(body=_openapi(), content_type="application/json")
 
 
 async def handle_prepare(request: web.Request) -> web.Response:
@@ -140,6 +153,7 @@ OPEN, TRANSACTION, OPERATOR = "open", "transaction", "operator"
 
 ROUTES: list[tuple[str, str, Handler, str]] = [
     ("GET", "/api/ping", handle_ping, OPEN),
+    ("GET", "/api/openapi.json", handle_openapi, OPEN),
     ("GET", f"{PREFIX}/version", handle_version, OPEN),
     ("GET", f"{PREFIX}/newGid", handle_new_gid, TRANSACTION),
     ("POST", f"{PREFIX}/prepare", handle_prepare, TRANSACTION),

@@ -38,22 +38,34 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
         async with asyncio.timeout(request.app[SETTINGS].server.body_timeout):
             await request.read()
     except TimeoutError:
-        return _closing(json_response({"message": "request body not received in time"}, 408))
+        return await _answer_and_close(
+            request, json_response({"message": "request body not received in time"}, 408)
+        )
     except RequestPayloadError as exc:
         # Bad Content-Encoding data or broken chunked framing: the client's mistake.
         cause = exc.__cause__ or exc
         message = f"request body cannot be read: {type(cause).__name__}: {cause}"
-        return _closing(json_response({"message": message.strip()[:300]}, 400))
+        return await _answer_and_close(
+            request, json_response({"message": message.strip()[:300]}, 400)
+        )
     except ConnectionError:
         log.info("%s %s: client %s closed the connection during the request body",
                  request.method, request.path, request.remote)
-        return _closing(json_response({"message": "connection closed"}, 400))
+        return await _answer_and_close(request, json_response({"message": "closed"}, 400))
     return await handler(request)
 
 
-def _closing(response: web.Response) -> web.Response:
-    # The rest of an unread body would be taken for the next request.
+async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send the answer, then close at once: the rest of an unread body must not be
+    taken for a next request, and aiohttp would otherwise linger to drain it."""
     response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client is gone already
+    if request.protocol is not None:
+        request.protocol.force_close()
     return response
 
 
