@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from coordinator import __version__
-from coordinator.api.render import branch_json, trans_json
+from coordinator.api.render import branch_json, raw_trans_json, trans_json
 from coordinator.api.urls import UrlPolicy
 from coordinator.api.wire import check_gid, parse_gid_only, parse_register, parse_trans
 from coordinator.engine.engine import Engine
@@ -32,6 +32,7 @@ from coordinator.machines.base import timeout_of
 from coordinator.model import FINISHED, UNFINISHED, Branch, BranchStatus, Op, Status, Trans
 from coordinator.settings import Settings
 from coordinator.store.base import ListFilter, Transition
+from coordinator.store.codec import CorruptRecord
 
 _ALPHABET = string.ascii_letters + string.digits
 PREPARED = frozenset({Status.PREPARED})
@@ -236,7 +237,10 @@ class Service:
     # -- reading ---------------------------------------------------------------------------
 
     async def query(self, gid: str) -> dict[str, Any]:
-        trans = await self.store.load(check_gid(gid))
+        try:
+            trans = await self.store.load(check_gid(gid))
+        except CorruptRecord as exc:
+            return {"transaction": raw_trans_json(exc.fields), "branches": []}
         if trans is None:
             return {"transaction": None, "branches": []}
         return {"transaction": trans_json(trans),
@@ -244,8 +248,9 @@ class Service:
 
     async def all(self, position: str, limit: int, where: ListFilter, gid: str) -> dict[str, Any]:
         if gid:
-            found = await self.store.load(check_gid(gid))
-            return {"transactions": [trans_json(found)] if found else [], "next_position": ""}
+            found = await self.query(gid)
+            return {"transactions": [found["transaction"]] if found["transaction"] else [],
+                    "next_position": ""}
         if where.status and where.status not in {s.value for s in Status}:
             raise BadRequest(f"unknown status {where.status!r}", "status")
         if position and (len(position) < 15 or position[13] != ":"

@@ -298,3 +298,33 @@ async def test_stored_garbage_still_renders_in_query_and_all(
     status, reply = await api.get("all", limit=1000)
     assert status == 200, reply
     assert g in [t["gid"] for t in reply["transactions"]]
+
+
+async def test_an_unreadable_status_or_branch_record_is_shown_raw_not_a_500(
+    api: Api, shared_coordinator: CoordinatorProcess, redis_url: str, participant: Participant
+) -> None:
+    gids = [gid(), gid()]
+    for g in gids:
+        body = {"gid": g, "trans_type": "msg", "steps": [{"action": participant.url("a")}],
+                "query_prepared": participant.url("qp"), "timeout_to_fail": 3600}
+        status, reply = await api.post("prepare", body)
+        assert status == 200, reply
+    keys = KeySpace(shared_coordinator.prefix, 16)
+    client: Any = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await client.hset(keys.for_gid(gids[0]).trans, "status", "bogus")
+        await client.hset(keys.for_gid(gids[1]).branches, "01:action", "{not json")
+    finally:
+        await client.aclose()
+    status, reply = await api.get("query", gid=gids[0])
+    assert status == 200, reply
+    assert reply["transaction"]["status"] == "bogus"
+    status, reply = await api.get("query", gid=gids[1])
+    assert status == 200, reply
+    assert reply["transaction"]["gid"] == gids[1]
+    for g in gids:
+        status, reply = await api.get("all", gid=g)
+        assert status == 200, reply
+    status, reply = await api.get("all", limit=1000)
+    assert status == 200, reply
+    assert gids[1] in [t["gid"] for t in reply["transactions"]]  # its hash reads fine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,6 +63,25 @@ def trans_json(t: Trans) -> dict[str, Any]:
     _put(out, "retry_limit", o.retry_limit)
     _put(out, "retry_count", t.retry_count)
     return out
+
+
+def raw_trans_json(fields: Mapping[str, str]) -> dict[str, Any]:
+    """A record the codec could not read, shown as stored: what a read can still say."""
+    out: dict[str, Any] = {
+        "create_time": rfc3339(_whole(fields.get("create_time"))),
+        "update_time": rfc3339(_whole(fields.get("update_time"))),
+    }
+    for name in ("gid", "trans_type", "status", "protocol", "custom_data", "rollback_reason"):
+        _put(out, name, fields.get(name, ""))
+    out["concurrent"] = False
+    return out
+
+
+def _whole(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 def branch_json(t: Trans, b: Branch) -> dict[str, Any]:

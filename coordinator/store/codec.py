@@ -119,7 +119,26 @@ def branch_from_json(raw: str) -> Branch:
     )
 
 
+class CorruptRecord(ValueError):
+    """A stored transaction the codec cannot read (damaged or edited by hand): an
+    unknown status, a branch record that is not JSON. The engine must not guess at it;
+    readers show its raw fields instead of failing."""
+
+    def __init__(self, fields: Mapping[str, str], detail: str) -> None:
+        super().__init__(f"transaction {fields.get('gid', '?')!r} cannot be read: {detail}")
+        self.fields = dict(fields)
+
+
 def trans_from_hash(fields: Mapping[str, str], branch_fields: Mapping[str, str]) -> Trans:
+    """Raises CorruptRecord for a record whose status or branches cannot be read; the
+    other fields fall back to their empty values."""
+    try:
+        return _trans_from_hash(fields, branch_fields)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptRecord(fields, f"{type(exc).__name__}: {exc}"[:200]) from exc
+
+
+def _trans_from_hash(fields: Mapping[str, str], branch_fields: Mapping[str, str]) -> Trans:
     branches = sorted((branch_from_json(v) for v in branch_fields.values()), key=lambda b: b.seq)
     ext = _loads(fields.get("ext"), dict)
     return Trans(

@@ -22,7 +22,13 @@ from coordinator.store.base import (
     TransitionResult,
 )
 from coordinator.store.batch import ScriptBatcher
-from coordinator.store.codec import branches_json, pairs_to_dict, trans_fields, trans_from_hash
+from coordinator.store.codec import (
+    CorruptRecord,
+    branches_json,
+    pairs_to_dict,
+    trans_fields,
+    trans_from_hash,
+)
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
 
 
@@ -179,7 +185,10 @@ class RedisStore(Store):
                     continue
                 if where.trans_type and rec.get("trans_type") != where.trans_type:
                     continue
-                found.append(trans_from_hash(rec, {}))
+                try:
+                    found.append(trans_from_hash(rec, {}))
+                except CorruptRecord:
+                    continue  # unreadable: `query` shows its raw fields; a page must not fail
                 if len(found) == limit:
                     break
             upper = "(" + cursor
