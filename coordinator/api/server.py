@@ -133,13 +133,15 @@ async def serve_app(app: web.Application, settings: Any) -> None:
         # In-flight branch calls get the engine's grace period, then the server exits.
         shutdown_timeout=settings.engine.shutdown_grace,
     )
-    await runner.setup()
+    # Handlers first: a SIGTERM while Redis is being connected must still be a graceful
+    # stop, not the default action (web.run_app installs them this early too).
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await runner.setup()
     listener: asyncio.AbstractServer | None = None
     try:
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         listener = await loop.create_server(
             ConnectionCap(runner.server, server.max_connections), server.host, server.port,
             reuse_port=server.reuse_port or None, backlog=1024,
