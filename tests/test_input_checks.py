@@ -36,7 +36,8 @@ def api(session: aiohttp.ClientSession, shared_coordinator: CoordinatorProcess) 
 
 BAD_URLS = ["file:///etc/passwd", "gopher://127.0.0.1:6379/_INFO", "ftp://h/x",
             "data:text/plain,hi", "HTTP://127.0.0.1:1/a", "Https://h/a", "//h/a", "h/a",
-            "http:///nohost", "http://h:99999/a", "http://h/a\r\nX: y"]
+            "http:///nohost", "http://h:99999/a", "http://h/a\r\nX: y", "https://Q[d/x",
+            "http://[::1/a", "http://h\u00e9st/a", "http://a b/"]
 
 
 @pytest.mark.parametrize("url", BAD_URLS)

@@ -18,13 +18,14 @@ matching IP literals only: names are not resolved at submit time). Empty allows 
 from __future__ import annotations
 
 import ipaddress
+import re
 import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from coordinator.errors import BadRequest
 
-MAX_URL = 2048
+MAX_URL = 8192
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -108,7 +109,10 @@ class HostAllowlist:
 
 def _http_target(url: str, field: str) -> HostPort:
     """The rule for http and json-rpc transactions: lowercase http(s) with a host."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL", NFKC-unsafe netloc …
+        raise BadRequest(f"{field}: not a URL: {exc}", field) from None
     # urlsplit lowercases the scheme; "HTTP://" must still be refused, as the
     # caller only recognises the lowercase form.
     scheme = url.split(":", 1)[0]
@@ -122,7 +126,15 @@ def _http_target(url: str, field: str) -> HostPort:
         raise BadRequest(f"{field}: the URL's port is not a number 1-65535", field) from None
     if not parts.hostname:
         raise BadRequest(f"{field}: the URL has no host", field)
+    if not _HOST.match(parts.hostname):
+        raise BadRequest(
+            f"{field}: the host must be ASCII letters, digits, '.', '-' (IDNA-encode "
+            "names) or an IP address", field,
+        )
     return HostPort(parts.hostname.lower(), port)
+
+
+_HOST = re.compile(r"^[0-9A-Za-z._:\-]+$")  # names, IPv4, IPv6 (brackets removed)
 
 
 # protocol → rule returning the host to check against the allowlist (None: no host,

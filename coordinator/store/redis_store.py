@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ from coordinator.store.codec import (
     trans_from_hash,
 )
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
+
+log = logging.getLogger("coordinator.store")
 
 
 class RedisStore(Store):
@@ -136,10 +139,17 @@ class RedisStore(Store):
             ],
         )
         now = int(reply[0])
-        return [
-            Claimed(trans_from_hash(pairs_to_dict(f), pairs_to_dict(b)), token, now)
-            for _gid, token, f, b in reply[1:]
-        ]
+        claimed = []
+        for _gid, token, f, b in reply[1:]:
+            try:
+                trans = trans_from_hash(pairs_to_dict(f), pairs_to_dict(b))
+            except CorruptRecord as exc:
+                # Left to its lease (and reported each time it comes round): one damaged
+                # record must not fail the claim of every transaction in its batch.
+                log.warning("%s; not driving it", exc)
+                continue
+            claimed.append(Claimed(trans, token, now))
+        return claimed
 
     async def sweep(self, partition: int) -> int:
         keys = self.keys.partition_keys(partition)
