@@ -210,7 +210,15 @@ async def test_broken_gzip_is_400_and_a_hang_up_is_one_info_line(
         time.sleep(0.2)
         sock.close()
 
+    def malformed() -> None:
+        sock = _connect(strict.port)
+        sock.sendall(b"GET /api/ping HTTP/1.1\r\nHost: x\r\nX-Null: a\x00b\r\n\r\n")
+        _, answer = _closed_within(sock, 3)
+        assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request"), answer[:80]
+        sock.close()
+
     await asyncio.to_thread(hang_up)
+    await asyncio.to_thread(malformed)
     await asyncio.sleep(0.5)
     log = strict.log_tail(400)
     assert "Traceback" not in log, log
@@ -218,3 +226,4 @@ async def test_broken_gzip_is_400_and_a_hang_up_is_one_info_line(
     lines = [line for line in log.splitlines() if "closed the connection" in line]
     assert len(lines) == 1, log
     assert " INFO " in lines[0]
+    assert "malformed request (400)" in log, log

@@ -20,6 +20,7 @@ import signal
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from coordinator.api.envelope import Handler, json_response
@@ -67,6 +68,22 @@ async def _answer_and_close(request: web.Request, response: web.Response) -> web
     if request.protocol is not None:
         request.protocol.force_close()
     return response
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (a NUL in a header, a bad request line)
+    as an ERROR with a traceback, though it answers 400: the client's fault. Make it one
+    INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            what = (str(exc.message).strip().splitlines() or [type(exc).__name__])[0]
+            record.msg, record.args = "%s: malformed request (400): %s", (
+                record.getMessage(), what[:200])
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
 
 
 class _Counted(asyncio.Protocol):
@@ -135,6 +152,7 @@ async def serve_app(app: web.Application, settings: Any) -> None:
     )
     # Handlers first: a SIGTERM while Redis is being connected must still be a graceful
     # stop, not the default action (web.run_app installs them this early too).
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
