@@ -72,9 +72,8 @@ def serve(settings: Settings) -> None:
         except EmbeddedRedisError as exc:
             raise StartupError(str(exc)) from None
         sys.exit(code)
-    from aiohttp import web
-
     from coordinator.api.app import create_app
+    from coordinator.api.server import serve_app
     from coordinator.lifeline import follow_parent
 
     follow_parent(settings.engine.shutdown_grace)
@@ -82,20 +81,14 @@ def serve(settings: Settings) -> None:
     # The port and the Redis URL are checked before anything starts or claims to be ready.
     sockets = asyncio.run(prepare(settings, reuse_port=settings.server.reuse_port))
 
-    def announce(_aiohttp_banner: str) -> None:
-        # Called by aiohttp once the sites accept connections.
+    def announce() -> None:
         print(f"coordinator: listening on {describe_listeners(sockets)} "
               f"(dtm API at /api/dtmsvr), state in {describe_redis(settings)}", flush=True)
 
     try:
-        web.run_app(
-            create_app(settings),
-            sock=sockets,
-            access_log=None,
-            print=announce,
-            # In-flight branch calls get the engine's grace period, then the server exits.
-            shutdown_timeout=settings.engine.shutdown_grace,
-        )
+        # Our own serving loop rather than web.run_app: it adds the connection cap and
+        # the keep-alive timeout (api/server.py).
+        asyncio.run(serve_app(create_app(settings), settings, sockets, announce))
     except (EmbeddedRedisError, RedisError) as exc:
         # The private redis-server would not start (locked data directory, …) or the
         # store's scripts could not be loaded: one line, not a traceback.

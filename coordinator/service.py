@@ -33,6 +33,8 @@ from coordinator.model import FINISHED, UNFINISHED, Branch, BranchStatus, Op, St
 from coordinator.requests import GidRequest, RegisterRequest, TransRequest, WorkflowState
 from coordinator.settings import Settings
 from coordinator.store.base import ListFilter, Page, Transition
+from coordinator.store.codec import CorruptRecord
+from coordinator.urls import UrlPolicy
 
 _ALPHABET = string.ascii_letters + string.digits
 PREPARED = frozenset({Status.PREPARED})
@@ -48,6 +50,7 @@ class Service:
         self.engine = engine
         self.store = engine.store
         self.settings = settings
+        self.urls = UrlPolicy(settings.engine.allowed_branch_hosts)
 
     # -- creating and finishing ------------------------------------------------------------
 
@@ -66,6 +69,7 @@ class Service:
             raise TransactionFailure(f"topic {exc.args[0]!r} has no subscribers") from None
 
     async def prepare(self, req: TransRequest) -> None:
+        self.urls.check_trans(req.trans)
         trans = await self._with_branches(req.trans)
         # A prepared transaction is looked at again when it times out (msg back-check,
         # tcc/xa rollback, workflow recovery).
@@ -79,6 +83,7 @@ class Service:
                 ) from None
 
     async def submit(self, req: TransRequest) -> None:
+        self.urls.check_trans(req.trans)
         trans = req.trans
         if trans.trans_type == "workflow":
             await self._finish_workflow(trans, req.req_extra)
@@ -244,6 +249,10 @@ class Service:
     # -- run-time branches ------------------------------------------------------------------
 
     async def register_branch(self, req: RegisterRequest) -> None:
+        # The body does not say the transaction's protocol: a URL is accepted if an
+        # HTTP or a gRPC transaction could call it (the grpc rule takes both).
+        for key in ("url", "confirm", "cancel"):
+            self.urls.check(req.get(key, ""), key, "grpc")
         gid, bid, kind = req.gid, req.branch_id, req.trans_type
         payload = req.get("data", "")
         unique = False
@@ -269,6 +278,7 @@ class Service:
 
     async def prepare_workflow(self, req: TransRequest) -> WorkflowState:
         trans = req.trans
+        self.urls.check_trans(trans)
         if trans.trans_type != "workflow":
             raise BadRequest("prepareWorkflow needs trans_type workflow", "trans_type")
         due = timeout_of(trans, self.engine.defaults) * 1000
@@ -285,11 +295,16 @@ class Service:
     # -- reading ---------------------------------------------------------------------------
 
     async def query(self, gid: str) -> Trans | None:
+        """The transaction, None if unknown; CorruptRecord (with the raw fields) if what
+        is stored cannot be read, so a front end can still show it."""
         return await self.store.load(gid)
 
     async def all(self, position: str, limit: int, where: ListFilter, gid: str) -> Page:
         if gid:
-            found = await self.store.load(gid)
+            try:
+                found = await self.store.load(gid)
+            except CorruptRecord:
+                found = None  # left out, as the listing leaves out such records
             return Page([found] if found else [], "")
         if where.status and where.status not in {s.value for s in Status}:
             raise BadRequest(f"unknown status {where.status!r}", "status")
@@ -315,6 +330,7 @@ class Service:
 
     async def subscribe(self, topic: str, url: str, remark: str) -> None:
         _check_topic(topic, url)
+        self.urls.check(url, "url")
         try:
             await self.store.change_topic(True, topic, url, remark)
         except AlreadyExists:

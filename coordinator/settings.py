@@ -18,6 +18,7 @@ from typing import Any
 
 from coordinator.machines.base import Defaults
 from coordinator.registry.target import TargetError, parse_etcd_target
+from coordinator.urls import HostAllowlist
 
 
 class SettingsError(ValueError):
@@ -50,6 +51,13 @@ class ServerSettings:
     metrics_refresh: float = 5.0
     # OpenTelemetry spans (needs the `otel` extra); the exporter reads OTEL_* variables.
     tracing: bool = False
+    # Seconds a connection may sit without a complete request head, whether fresh, idle
+    # between keep-alive requests or half-way through sending its headers; then closed.
+    keepalive_timeout: float = 15.0
+    # Seconds a client has to send a whole request body once its head arrived.
+    body_timeout: float = 30.0
+    # Open client connections per process; more are closed at once.
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,9 @@ class EngineSettings:
     timeout_to_fail: int = 35
     request_timeout: int = 3
     sweep_interval: float = 30.0
+    # Hosts branch, compensation, query_prepared and subscriber URLs may target: names,
+    # host:port, *.domain wildcards, CIDRs. Empty allows every host.
+    allowed_branch_hosts: tuple[str, ...] = ()
 
     def defaults(self) -> Defaults:
         return Defaults(
@@ -211,10 +222,17 @@ class Settings:
             (self.engine.retry_interval >= 1, "engine.retry_interval must be >= 1"),
             (self.engine.request_timeout >= 1, "engine.request_timeout must be >= 1"),
             (self.engine.finished_ttl >= 1, "engine.finished_ttl must be >= 1"),
+            (self.server.keepalive_timeout > 0, "server.keepalive_timeout must be > 0"),
+            (self.server.body_timeout > 0, "server.body_timeout must be > 0"),
+            (self.server.max_connections >= 1, "server.max_connections must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)
+        try:
+            HostAllowlist(self.engine.allowed_branch_hosts)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         self._validate_registry()
 
     def _validate_registry(self) -> None:
@@ -266,6 +284,12 @@ for _section, _cls in _SECTIONS.items():
 
 
 def _cast(key: str, value: Any, kind: type[Any]) -> Any:
+    if kind is tuple:
+        # A TOML array, or a comma-separated string from the environment.
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise SettingsError(f"setting '{key}': expected a list of strings, got {value!r}")
+        return tuple(i.strip() for i in items if i.strip())
     try:
         if kind is bool:
             if isinstance(value, bool):

@@ -5,7 +5,6 @@ Under CI=true a missing service is an error, never a skip.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import uuid
@@ -17,7 +16,7 @@ import pytest
 import redis
 
 from tests.cluster_support import RedisClusterProcess, have_cluster_tools
-from tests.support import Api, CoordinatorProcess, Participant
+from tests.support import Api, CoordinatorProcess, Participant, running_coordinator
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -185,12 +184,5 @@ async def aredis(redis_url: str) -> AsyncIterator[Any]:
 def shared_coordinator(redis_url: str) -> Iterator[CoordinatorProcess]:
     """One `coordinator serve` for a whole module, for tests that only need unique gids
     (starting a process per test costs about two seconds)."""
-    name = "t" + uuid.uuid4().hex[:10]
-    proc = asyncio.run(CoordinatorProcess(redis_url, name).start())
-    yield proc
-    proc.stop()
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with running_coordinator(redis_url) as proc:
+        yield proc

@@ -11,8 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,23 @@ class CoordinatorProcess:
             return
         if await self.signal_and_wait(signal.SIGTERM, grace) is None:
             self.kill(signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running_coordinator(redis_url: str, **env: Any) -> Iterator[CoordinatorProcess]:
+    """A coordinator on a fresh key prefix for a block (a module fixture, say); its keys
+    are deleted afterwards."""
+    prefix = "t" + uuid.uuid4().hex[:10]
+    proc = asyncio.run(CoordinatorProcess(redis_url, prefix, **env).start())
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 async def wait_for(

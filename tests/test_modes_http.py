@@ -21,7 +21,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-import redis
 
 from coordinator.keys import partition_of
 from coordinator.settings import RedisSettings
@@ -35,6 +34,7 @@ from tests.support import (
     Call,
     CoordinatorProcess,
     Participant,
+    running_coordinator,
     wait_for,
 )
 
@@ -44,16 +44,8 @@ from tests.support import (
 @pytest.fixture(scope="module")
 def shared(redis_url: str) -> Iterator[CoordinatorProcess]:
     """One coordinator for the module, with its own key prefix (deleted afterwards)."""
-    prefix = "t" + uuid.uuid4().hex[:10]
-    proc = CoordinatorProcess(redis_url, prefix)
-    asyncio.run(proc.start())
-    yield proc
-    proc.stop()
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with running_coordinator(redis_url) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")

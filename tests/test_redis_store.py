@@ -30,7 +30,7 @@ from coordinator.store.redis_store import RedisStore
 from coordinator.store.scripts import SCRIPT_NAMES
 from tests.cluster_support import RedisClusterProcess
 from tests.store_contract import *  # noqa: F403
-from tests.store_contract import SUBMITTED, make_trans
+from tests.store_contract import SUBMITTED, in_partition, make_trans
 
 PARTITIONS = 4
 
@@ -286,3 +286,16 @@ async def test_reschedule_during_a_lease_is_honoured_at_release(rstore: RedisSto
     due = await c.zscore(keys.due, "poke-1")
     assert due is not None
     assert due >= later.now + 3_500_000
+
+
+async def test_a_damaged_record_does_not_fail_the_claim_of_its_batch(
+    rstore: RedisStore,
+) -> None:
+    p = 3
+    good = [in_partition(rstore, p, f"good-{i}") for i in range(2)]
+    bad = in_partition(rstore, p, "damaged")
+    for gid in [*good, bad]:
+        await rstore.create(make_trans(gid), due_in_ms=0)
+    await rstore.client.hset(rstore.keys.for_gid(bad).trans, "status", "bogus")
+    claimed = await rstore.claim(p, 10, "w1")
+    assert sorted(c.trans.gid for c in claimed) == sorted(good)

@@ -166,7 +166,7 @@ def test_bad_field_is_named(change: dict[str, Any], field: str) -> None:
 
 
 def test_too_many_steps() -> None:
-    steps = [{"action": "a", "compensate": "c"}] * (MAX_STEPS + 1)
+    steps = [{"action": "http://svc/a", "compensate": "http://svc/c"}] * (MAX_STEPS + 1)
     assert bad_field({"gid": "big", "trans_type": "saga", "steps": steps}) == "steps"
     ok = parse({"gid": "big", "trans_type": "saga", "steps": steps[:MAX_STEPS]})
     assert len(ok.trans.branches) == 2 * MAX_STEPS

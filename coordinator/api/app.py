@@ -14,7 +14,16 @@ from coordinator.api.envelope import error_middleware
 from coordinator.api.grpc_front import start_grpc
 from coordinator.api.health import handle_health
 from coordinator.api.jsonrpc import handle_json_rpc
-from coordinator.api.routes import ENGINE, SERVICE, SETTINGS, STORE, add_routes
+from coordinator.api.routes import (
+    ENGINE,
+    SERVICE,
+    SETTINGS,
+    STORE,
+    TRANSACTION,
+    add_routes,
+    guarded,
+)
+from coordinator.api.server import body_middleware
 from coordinator.embedded_redis import EmbeddedRedis
 from coordinator.engine.caller import BranchCaller
 from coordinator.engine.engine import Engine
@@ -33,6 +42,7 @@ from coordinator.registry.publisher import Publisher
 from coordinator.registry.resolver import Resolvers
 from coordinator.settings import Settings
 from coordinator.store.connect import log_topology, open_store
+from coordinator.urls import UrlPolicy
 
 log = logging.getLogger("coordinator")
 
@@ -47,14 +57,15 @@ MACHINES: dict[str, Machine] = {
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        client_max_size=settings.server.max_body_bytes, middlewares=[error_middleware]
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[error_middleware, body_middleware],
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
     # On SIGTERM aiohttp runs on_shutdown before it waits for open requests.
     app.on_shutdown.append(_begin_stop)
     add_routes(app)
-    app.router.add_post("/api/json-rpc", handle_json_rpc)
+    app.router.add_post("/api/json-rpc", guarded(handle_json_rpc, TRANSACTION))
     app.router.add_get("/api/health", handle_health)
     wiring.install(app, settings)  # /api/metrics, /admin, tracing
     return app
@@ -96,7 +107,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30)
         session = aiohttp.ClientSession(connector=connector, skip_auto_headers=["User-Agent"])
         pool = Http1Pool(limit_per_host=256)
-        caller = BranchCaller(session, settings.engine.request_timeout, pool, grpc_caller)
+        urls = UrlPolicy(settings.engine.allowed_branch_hosts)
+        caller = BranchCaller(session, settings.engine.request_timeout, pool, grpc_caller,
+                              urls.allows)
         caller = wiring.observed_caller(app, caller)
         engine = wiring.observed_engine(app, store, caller, MACHINES, settings.engine)
         app[STORE] = store

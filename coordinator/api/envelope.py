@@ -74,7 +74,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_response({"message": f"request body too large: {exc.text}"}, 413)
     except web.HTTPException as exc:
         if exc.status >= 400:
-            return json_response({"message": exc.reason}, exc.status)
+            response = json_response({"message": exc.reason}, exc.status)
+            if "Allow" in exc.headers:  # 405 must say which methods the route has
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
         raise
     except Exception:
         log.exception("%s %s failed", request.method, request.path)

@@ -65,10 +65,14 @@ METHODS: dict[str, Method] = {
 }
 
 
-def _reply(rid: Any, result: Any = None, code: int = 0, message: str = "") -> web.Response:
+def _reply(
+    rid: Any, result: Any = None, code: int = 0, message: str = "", field: str | None = None
+) -> web.Response:
     body: dict[str, Any] = {"jsonrpc": "2.0", "id": rid}
     if code:
         body["error"] = {"code": code, "message": message}
+        if field:  # as the HTTP front's 400 names it
+            body["error"]["data"] = {"field": field}
     else:
         body["result"] = result
     return json_response(body)
@@ -94,7 +98,7 @@ async def handle_json_rpc(request: web.Request) -> web.Response:
     try:
         return _reply(rid, await method(request.app[SERVICE], params))
     except BadRequest as exc:
-        return _reply(rid, code=INVALID_PARAMS, message=str(exc))
+        return _reply(rid, code=INVALID_PARAMS, message=str(exc), field=exc.field)
     except TransactionFailure as exc:
         return _reply(rid, code=FAILURE, message=str(exc))
     except TransactionOngoing as exc:

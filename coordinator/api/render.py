@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,10 +14,17 @@ from coordinator.store.codec import options_to_json
 
 
 def rfc3339(ms: int) -> str | None:
-    if not ms:
+    """A stored time as dtm writes it; None (left out) for zero and for any value no
+    calendar holds: rendering must not fail on what a read finds in Redis, or one bad
+    record turns `query` and every `all` page holding it into a 500."""
+    if not ms or not 0 < ms < _MAX_MS:
         return None
     moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+# 9999-12-31T23:59:59.999Z, the last moment datetime can hold.
+_MAX_MS = 253_402_300_800_000
 
 
 def _put(out: dict[str, Any], name: str, value: Any) -> None:
@@ -57,6 +65,25 @@ def trans_json(t: Trans) -> dict[str, Any]:
     _put(out, "retry_limit", o.retry_limit)
     _put(out, "retry_count", t.retry_count)
     return out
+
+
+def raw_trans_json(fields: Mapping[str, str]) -> dict[str, Any]:
+    """A record the codec could not read, shown as stored: what a read can still say."""
+    out: dict[str, Any] = {
+        "create_time": rfc3339(_whole(fields.get("create_time"))),
+        "update_time": rfc3339(_whole(fields.get("update_time"))),
+    }
+    for name in ("gid", "trans_type", "status", "protocol", "custom_data", "rollback_reason"):
+        _put(out, name, fields.get(name, ""))
+    out["concurrent"] = False
+    return out
+
+
+def _whole(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 def branch_json(t: Trans, b: Branch) -> dict[str, Any]:

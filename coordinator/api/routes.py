@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
+
 from aiohttp import web
 
-from coordinator.api.envelope import json_response, success
-from coordinator.api.render import page_json, query_json, workflow_json
+from coordinator.api.auth import require_token
+from coordinator.api.envelope import Handler, json_response, success
+from coordinator.api.render import page_json, query_json, raw_trans_json, workflow_json
 from coordinator.api.wire import check_gid, parse_gid_request, parse_register, parse_trans
 from coordinator.engine.engine import Engine
 from coordinator.errors import BadRequest
@@ -13,6 +17,7 @@ from coordinator.model import Status
 from coordinator.service import Service, new_gid
 from coordinator.settings import Settings
 from coordinator.store.base import ListFilter, Store
+from coordinator.store.codec import CorruptRecord
 
 ENGINE = web.AppKey("engine", Engine)
 STORE = web.AppKey("store", Store)
@@ -45,6 +50,16 @@ async def handle_version(request: web.Request) -> web.Response:
 
 async def handle_ping(request: web.Request) -> web.Response:
     return json_response({"msg": "pong"})
+
+
+@functools.cache
+def _openapi() -> bytes:
+    # Shipped as package data beside this module (coordinator/api/openapi.json).
+    return (importlib.resources.files("coordinator.api") / "openapi.json").read_bytes()
+
+
+async def handle_openapi(request: web.Request) -> web.Response:
+    return web.Response(body=_openapi(), content_type="application/json")
 
 
 async def handle_prepare(request: web.Request) -> web.Response:
@@ -84,7 +99,12 @@ async def handle_prepare_workflow(request: web.Request) -> web.Response:
 
 async def handle_query(request: web.Request) -> web.Response:
     gid = check_gid(request.query.get("gid", ""))
-    return json_response(query_json(await request.app[SERVICE].query(gid)))
+    try:
+        trans = await request.app[SERVICE].query(gid)
+    except CorruptRecord as exc:
+        # Shown as stored, so an operator can see what is wrong with it.
+        return json_response({"transaction": raw_trans_json(exc.fields), "branches": []})
+    return json_response(query_json(trans))
 
 
 async def handle_all(request: web.Request) -> web.Response:
@@ -137,23 +157,52 @@ async def handle_query_kv(request: web.Request) -> web.Response:
     return json_response({"kv": kv})
 
 
+# Who may call a route (see auth.py): OPEN always; TRANSACTION unless
+# server.protect_transaction_routes, since dtm's clients cannot send a token; OPERATOR
+# only with the token once server.api_token is set.
+OPEN, TRANSACTION, OPERATOR = "open", "transaction", "operator"
+
+ROUTES: list[tuple[str, str, Handler, str]] = [
+    ("GET", "/api/ping", handle_ping, OPEN),
+    ("GET", "/api/openapi.json", handle_openapi, OPEN),
+    ("GET", f"{PREFIX}/version", handle_version, OPEN),
+    ("GET", f"{PREFIX}/newGid", handle_new_gid, TRANSACTION),
+    ("POST", f"{PREFIX}/prepare", handle_prepare, TRANSACTION),
+    ("POST", f"{PREFIX}/submit", handle_submit, TRANSACTION),
+    ("POST", f"{PREFIX}/abort", handle_abort, TRANSACTION),
+    ("POST", f"{PREFIX}/forceStop", handle_force_stop, OPERATOR),
+    ("POST", f"{PREFIX}/resetNextCronTime", handle_reset_next_cron_time, OPERATOR),
+    *[("POST", f"{PREFIX}/{name}", handle_register_branch, TRANSACTION)
+      for name in ("registerBranch", "registerTccBranch", "registerXaBranch")],
+    ("POST", f"{PREFIX}/prepareWorkflow", handle_prepare_workflow, TRANSACTION),
+    ("GET", f"{PREFIX}/query", handle_query, TRANSACTION),
+    ("GET", f"{PREFIX}/all", handle_all, OPERATOR),
+    ("GET", f"{PREFIX}/resetCronTime", handle_reset_cron_time, OPERATOR),
+    ("GET", f"{PREFIX}/subscribe", handle_subscribe, OPERATOR),
+    ("GET", f"{PREFIX}/unsubscribe", handle_unsubscribe, OPERATOR),
+    ("DELETE", f"{PREFIX}/topic/{{name}}", handle_delete_topic, OPERATOR),
+    ("GET", f"{PREFIX}/scanKV", handle_scan_kv, OPERATOR),
+    ("GET", f"{PREFIX}/queryKV", handle_query_kv, OPERATOR),
+]
+
+
+def guarded(handler: Handler, access: str) -> Handler:
+    """The handler behind the token check its access class asks for."""
+    if access == OPEN:
+        return handler
+
+    async def check_then_handle(request: web.Request) -> web.StreamResponse:
+        server = request.app[SETTINGS].server
+        if access == OPERATOR or server.protect_transaction_routes:
+            require_token(request, server.api_token)
+        return await handler(request)
+
+    return check_then_handle
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/ping", handle_ping)
-    app.router.add_get(f"{PREFIX}/version", handle_version)
-    app.router.add_get(f"{PREFIX}/newGid", handle_new_gid)
-    app.router.add_post(f"{PREFIX}/prepare", handle_prepare)
-    app.router.add_post(f"{PREFIX}/submit", handle_submit)
-    app.router.add_post(f"{PREFIX}/abort", handle_abort)
-    app.router.add_post(f"{PREFIX}/forceStop", handle_force_stop)
-    app.router.add_post(f"{PREFIX}/resetNextCronTime", handle_reset_next_cron_time)
-    for name in ("registerBranch", "registerTccBranch", "registerXaBranch"):
-        app.router.add_post(f"{PREFIX}/{name}", handle_register_branch)
-    app.router.add_post(f"{PREFIX}/prepareWorkflow", handle_prepare_workflow)
-    app.router.add_get(f"{PREFIX}/query", handle_query)
-    app.router.add_get(f"{PREFIX}/all", handle_all)
-    app.router.add_get(f"{PREFIX}/resetCronTime", handle_reset_cron_time)
-    app.router.add_get(f"{PREFIX}/subscribe", handle_subscribe)
-    app.router.add_get(f"{PREFIX}/unsubscribe", handle_unsubscribe)
-    app.router.add_delete(f"{PREFIX}/topic/{{name}}", handle_delete_topic)
-    app.router.add_get(f"{PREFIX}/scanKV", handle_scan_kv)
-    app.router.add_get(f"{PREFIX}/queryKV", handle_query_kv)
+    for method, path, handler, access in ROUTES:
+        if method == "GET":  # with HEAD, as add_get always gave
+            app.router.add_get(path, guarded(handler, access))
+        else:
+            app.router.add_route(method, path, guarded(handler, access))

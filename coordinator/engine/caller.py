@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Callable
 
 import aiohttp
 import orjson
@@ -27,6 +28,7 @@ class BranchCaller:
     def __init__(
         self, session: aiohttp.ClientSession, default_timeout: float,
         pool: Http1Pool | None = None, grpc: GrpcBranchCaller | None = None,
+        may_call: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.session = session
         self.default_timeout = default_timeout
@@ -34,13 +36,18 @@ class BranchCaller:
         self.pool = pool
         # Branches of transactions with protocol grpc whose URL is not http(s)://.
         self.grpc = grpc
+        # (url, protocol) → may it be called; URLs are checked at submit, this catches
+        # ones stored before the allowlist was narrowed.
+        self.may_call = may_call
 
     async def call(self, trans: Trans, branch: Branch) -> Outcome:
         if not branch.url:
             return SUCCESS
+        if self.may_call is not None and not self.may_call(branch.url, trans.protocol):
+            return Outcome(OutcomeKind.ERROR, "URL outside engine.allowed_branch_hosts; not called")
         if not branch.url.startswith(("http://", "https://")):
             if trans.protocol == "grpc" and self.grpc is not None:
-                # Payloads are text today; the bytes go out exactly as they were stored.
+                # The bytes go out exactly as they were stored (raw for gRPC submits).
                 return await self.grpc.call(trans, branch, trans.payload_bytes(branch))
             return Outcome(OutcomeKind.ERROR, f"unsupported branch URL {branch.url!r}")
         body = trans.payload_of(branch)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import urllib.parse
 from dataclasses import dataclass
 
@@ -34,10 +35,33 @@ class Target:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"not a plain http URL: {url!r}")
-        path = parts.path or "/"
+        if not _HOST.match(parts.hostname):
+            raise ValueError(f"not a valid host name: {parts.hostname!r}")
+        # Only URL characters go onto the request line: spaces, non-ASCII and the like
+        # are percent-encoded (UTF-8), escapes already present are kept as they are.
+        path = urllib.parse.quote(parts.path or "/", safe=_PATH_SAFE)
         if parts.query:
-            path += "?" + parts.query
+            path += "?" + urllib.parse.quote(parts.query, safe=_QUERY_SAFE)
         return cls(parts.hostname, parts.port or 80, path)
+
+
+# RFC 3986 pchar (and "/") besides the unreserved set quote() keeps; "%" keeps escapes.
+_PATH_SAFE = "/%:@!$&'()*+,;="
+_QUERY_SAFE = _PATH_SAFE + "?"
+_HOST = re.compile(r"^[0-9A-Za-z._:\-]+$")
+# A header line ends at CR or LF; NUL and other controls have no place in one either.
+_HEADER_BREAK = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _head_lines(headers: dict[str, str]) -> list[str]:
+    """Header lines, refusing anything that could end a line early (validated at
+    submit; this keeps a value stored before that check from splitting the request)."""
+    lines = []
+    for name, value in headers.items():
+        if _HEADER_BREAK.search(name) or _HEADER_BREAK.search(value) or ":" in name:
+            raise Http1Error(f"header {name[:40]!r} holds control characters; not sent")
+        lines.append(f"{name}: {value}")
+    return lines
 
 
 class Http1Pool:
@@ -49,15 +73,6 @@ class Http1Pool:
         self._idle: dict[tuple[str, int], collections.deque[
             tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
         self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
-        self._targets: dict[str, Target] = {}
-
-    def target(self, url: str) -> Target:
-        found = self._targets.get(url)
-        if found is None:
-            found = Target.parse(url)
-            if len(self._targets) < 10_000:
-                self._targets[url] = found
-        return found
 
     async def close(self) -> None:
         for idle in self._idle.values():
@@ -71,12 +86,14 @@ class Http1Pool:
         timeout: float,
     ) -> tuple[int, bytes]:
         """One exchange; raises Http1Error or TimeoutError."""
-        target = self.target(url)
+        # Parsed per call: a URL cache kept up to 10,000 client URLs of any length.
+        target = Target.parse(url)
         sep = "&" if "?" in target.path else "?"
+        host = f"[{target.host}]" if ":" in target.host else target.host
         head = [f"{method} {target.path}{sep}{query} HTTP/1.1",
-                f"Host: {target.host}:{target.port}",
+                f"Host: {host}:{target.port}",
                 f"Content-Length: {len(body)}"]
-        head += [f"{k}: {v}" for k, v in headers.items()]
+        head += _head_lines(headers)
         data = ("\r\n".join(head) + "\r\n\r\n").encode() + body
         key = (target.host, target.port)
         slots = self._slots.get(key)

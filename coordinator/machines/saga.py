@@ -46,9 +46,20 @@ class Ordering:
         return tuple(s for s in range(count) if step in self.before(s))
 
 
-@functools.lru_cache(maxsize=4096)
+# The machine re-reads the ordering on every plan, so small custom_data strings are
+# cached; long ones are not, which bounds the cache by bytes (4096 × 1 KB), not count:
+# a count-bounded cache kept up to 4096 client strings of up to 1 MB each.
+_CACHED_ORDERING_CHARS = 1024
+
+
 def parse_ordering(custom_data: str, concurrent_option: bool, steps: int) -> Ordering:
     """Read ``{"concurrent": bool, "orders": {"1": [0]}}``; raises ValueError if invalid."""
+    if len(custom_data) <= _CACHED_ORDERING_CHARS:
+        return _cached_ordering(custom_data, concurrent_option, steps)
+    return _parse_ordering(custom_data, concurrent_option, steps)
+
+
+def _parse_ordering(custom_data: str, concurrent_option: bool, steps: int) -> Ordering:
     concurrent = concurrent_option
     prerequisites: dict[int, tuple[int, ...]] = {}
     if custom_data:
@@ -88,6 +99,9 @@ def parse_ordering(custom_data: str, concurrent_option: bool, steps: int) -> Ord
         if startable < steps:
             raise ValueError("custom_data.orders has a cycle: its steps could never start")
     return Ordering(concurrent, prerequisites)
+
+
+_cached_ordering = functools.lru_cache(maxsize=4096)(_parse_ordering)
 
 
 def branches_for(steps: Sequence[Mapping[str, str]]) -> tuple[Branch, ...]:

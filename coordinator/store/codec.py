@@ -31,17 +31,31 @@ def options_to_json(options: Options) -> str:
     return orjson.dumps(data).decode()
 
 
-def options_from_json(raw: str) -> Options:
+def _loads(raw: str | None, kind: type[Any]) -> Any:
+    """Stored JSON of the expected kind, or an empty one: a damaged field must not make
+    the whole record unreadable (reads would answer 500 for it forever)."""
     if not raw:
-        return Options()
-    data = orjson.loads(raw)
+        return kind()
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return kind()
+    return value if isinstance(value, kind) else kind()
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def options_from_json(raw: str) -> Options:
+    data = _loads(raw, dict)
     return Options(
         wait_result=bool(data.get("wait_result", False)),
-        timeout_to_fail=int(data.get("timeout_to_fail", 0)),
-        request_timeout=int(data.get("request_timeout", 0)),
-        retry_interval=int(data.get("retry_interval", 0)),
-        retry_limit=int(data.get("retry_limit", 0)),
-        branch_headers=dict(data.get("branch_headers") or {}),
+        timeout_to_fail=_int(data.get("timeout_to_fail")),
+        request_timeout=_int(data.get("request_timeout")),
+        retry_interval=_int(data.get("retry_interval")),
+        retry_limit=_int(data.get("retry_limit")),
+        branch_headers=_str_map(data.get("branch_headers")),
         concurrent=bool(data.get("concurrent", False)),
     )
 
@@ -86,7 +100,7 @@ def branches_json(branches: Sequence[Branch]) -> str:
 def _int(value: Any) -> int:
     try:
         return int(value or 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0
 
 
@@ -105,15 +119,34 @@ def branch_from_json(raw: str) -> Branch:
     )
 
 
+class CorruptRecord(ValueError):
+    """A stored transaction the codec cannot read (damaged or edited by hand): an
+    unknown status, a branch record that is not JSON. The engine must not guess at it;
+    readers show its raw fields instead of failing."""
+
+    def __init__(self, fields: Mapping[str, str], detail: str) -> None:
+        super().__init__(f"transaction {fields.get('gid', '?')!r} cannot be read: {detail}")
+        self.fields = dict(fields)
+
+
 def trans_from_hash(fields: Mapping[str, str], branch_fields: Mapping[str, str]) -> Trans:
+    """Raises CorruptRecord for a record whose status or branches cannot be read; the
+    other fields fall back to their empty values."""
+    try:
+        return _trans_from_hash(fields, branch_fields)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptRecord(fields, f"{type(exc).__name__}: {exc}"[:200]) from exc
+
+
+def _trans_from_hash(fields: Mapping[str, str], branch_fields: Mapping[str, str]) -> Trans:
     branches = sorted((branch_from_json(v) for v in branch_fields.values()), key=lambda b: b.seq)
-    ext = orjson.loads(fields["ext"]) if fields.get("ext") else {}
+    ext = _loads(fields.get("ext"), dict)
     return Trans(
         gid=fields["gid"],
         trans_type=fields.get("trans_type", ""),
         status=Status(fields["status"]),
-        steps=tuple(orjson.loads(fields["steps"])) if fields.get("steps") else (),
-        payloads=tuple(orjson.loads(fields["payloads"])) if fields.get("payloads") else (),
+        steps=tuple(_loads(fields.get("steps"), list)),
+        payloads=tuple(_loads(fields.get("payloads"), list)),
         branches=tuple(branches),
         custom_data=fields.get("custom_data", ""),
         query_prepared=fields.get("query_prepared", ""),
@@ -121,7 +154,7 @@ def trans_from_hash(fields: Mapping[str, str], branch_fields: Mapping[str, str])
         rollback_reason=fields.get("rollback_reason", ""),
         result=fields.get("result", ""),
         options=options_from_json(fields.get("options", "")),
-        ext_headers=dict(ext.get("headers") or {}),
+        ext_headers=_str_map(ext.get("headers")),
         create_time=_int(fields.get("create_time")),
         update_time=_int(fields.get("update_time")),
         finish_time=_int(fields.get("finish_time")),
