@@ -17,7 +17,7 @@ from coordinator.api.wire import MAX_OPTION
 from coordinator.engine.http1 import Http1Error, Http1Pool
 from coordinator.errors import BadRequest
 from coordinator.keys import KeySpace
-from coordinator.settings import Settings, SettingsError
+from coordinator.settings import RedisSettings, Settings, SettingsError
 from coordinator.urls import HostAllowlist, HostPort, UrlPolicy
 from tests.support import Api, CoordinatorProcess, Participant, saga_body
 
@@ -285,7 +285,8 @@ async def test_stored_garbage_still_renders_in_query_and_all(
     assert status == 200, reply
     client: Any = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        await client.hset(KeySpace(shared_coordinator.prefix, 16).for_gid(g).trans, mapping=GARBAGE)
+        keys = KeySpace(shared_coordinator.prefix, RedisSettings().partitions)
+        await client.hset(keys.for_gid(g).trans, mapping=GARBAGE)
     finally:
         await client.aclose()
     status, reply = await api.get("query", gid=g)
@@ -310,7 +311,7 @@ async def test_an_unreadable_status_or_branch_record_is_shown_raw_not_a_500(
                 "query_prepared": participant.url("qp"), "timeout_to_fail": 3600}
         status, reply = await api.post("prepare", body)
         assert status == 200, reply
-    keys = KeySpace(shared_coordinator.prefix, 16)
+    keys = KeySpace(shared_coordinator.prefix, RedisSettings().partitions)
     client: Any = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
         await client.hset(keys.for_gid(gids[0]).trans, "status", "bogus")

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from coordinator.keys import KeySpace
 from coordinator.ops.logs import ContextFilter, JsonFormatter, TextFormatter, bind, parse_levels
-from coordinator.settings import Settings
+from coordinator.settings import RedisSettings, Settings
 from tests.support import ERROR, OK, ONGOING, CoordinatorProcess, Participant, free_port, wait_for
 
 MARKER = "PAYLOAD-MARKER-7731"
@@ -180,7 +180,8 @@ async def test_one_submit_one_trace(
     # The trace context is stored with the transaction, for rounds in other processes.
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        ext = await client.hget(KeySpace(prefix, 16).for_gid(gid).trans, "ext")
+        keys = KeySpace(prefix, RedisSettings().partitions)
+        ext = await client.hget(keys.for_gid(gid).trans, "ext")
     finally:
         await client.aclose()
     assert TRACE_ID in json.loads(ext or "{}")["headers"]["traceparent"]

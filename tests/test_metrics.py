@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from coordinator.keys import KeySpace
 from coordinator.machines.saga import branches_for
 from coordinator.model import Status, Trans
+from coordinator.settings import RedisSettings
 from coordinator.store.redis_store import RedisStore
 from tests.support import (
     ERROR,
@@ -120,7 +121,7 @@ async def test_backlog_waiters_inflight_and_takeover(
         redis_url, prefix, COORDINATOR_SERVER_METRICS_REFRESH="0.2",
         COORDINATOR_ENGINE_CONCURRENCY="1",
     ).start()
-    store = RedisStore.from_url(redis_url, KeySpace(prefix, 16))
+    store = RedisStore.from_url(redis_url, KeySpace(prefix, RedisSettings().partitions))
     try:
         # A transaction left by a crashed worker: its lease (1 ms) ran out at once.
         steps = ({"action": "", "compensate": ""},)
