@@ -138,6 +138,17 @@ async def prepare(settings: Settings, *, reuse_port: bool = False) -> list[socke
     """Everything that may fail before the application starts: the sockets, then Redis."""
     sockets = bind_listeners(settings.server.host, settings.server.port, reuse_port=reuse_port)
     try:
+        if settings.server.grpc_port:
+            # Only a probe: grpc binds its own socket later, but a taken port must be
+            # one line now, not a traceback after the private Redis has started.
+            try:
+                probes = bind_listeners(
+                    settings.server.host, settings.server.grpc_port, reuse_port=reuse_port
+                )
+            except StartupError as exc:
+                raise StartupError(f"gRPC API (--grpc-port): {exc}") from None
+            for probe in probes:
+                probe.close()
         if settings.redis.url:
             await check_redis(settings.redis.url)
     except BaseException:

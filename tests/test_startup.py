@@ -33,6 +33,8 @@ from coordinator.embedded_redis import (
     EmbeddedRedisError,
     find_redis_server,
 )
+from coordinator.keys import partition_of
+from coordinator.settings import RedisSettings
 from coordinator.startup import redact
 from tests.conftest import require_service
 from tests.support import ROOT, free_port
@@ -104,7 +106,9 @@ def lock_is_free(path: Path) -> bool:
 
 def command_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COORDINATOR_")}
-    env.update(COORDINATOR_DATA_DIR=str(data_dir), **extra)
+    # A gRPC port of its own: the default 36790 would clash between tests run side by side.
+    env.update(COORDINATOR_DATA_DIR=str(data_dir),
+               COORDINATOR_SERVER_GRPC_PORT=str(free_port()), **extra)
     return env
 
 
@@ -332,7 +336,8 @@ async def test_readme_redis_cli_commands_reach_the_private_redis(
             code, out, err = await run("redis-cli", "ping", env={**env, "PATH": bare})
             assert (code, out.strip()) == (0, "PONG"), err
     scan, trans, branches, _due = outputs
-    assert scan == ["coord:trans:{p9}:order-1001"]
+    partition = partition_of("order-1001", RedisSettings().partitions)
+    assert scan == [f"coord:trans:{{p{partition}}}:order-1001"]
     fields = dict(zip(trans[::2], trans[1::2], strict=True))
     assert fields["gid"] == "order-1001"
     assert fields["status"] == "succeed"

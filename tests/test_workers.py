@@ -59,7 +59,8 @@ def test_children_exit_when_the_parent_is_killed(redis_url: str, prefix: str) ->
     with log.open("wb") as out:
         parent = subprocess.Popen(
             [sys.executable, "-m", "coordinator", "serve", "--workers", "2", "--port",
-             str(port), "--redis-url", redis_url, "--log-level", "WARNING"],
+             str(port), "--grpc-port", str(free_port()), "--redis-url", redis_url,
+             "--log-level", "WARNING"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     children: set[int] = set()

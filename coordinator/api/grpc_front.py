@@ -39,6 +39,7 @@ from coordinator.model import Status
 from coordinator.requests import GidRequest, TransRequest
 from coordinator.service import Service, new_gid
 from coordinator.settings import Settings
+from coordinator.startup import StartupError
 
 log = logging.getLogger("coordinator.grpc")
 
@@ -218,6 +219,7 @@ async def start_grpc(service: Service, settings: Settings) -> grpc.aio.Server:
     try:
         server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise RuntimeError(f"cannot listen for gRPC on {address}: {exc}") from exc
+        # Taken between the start-up probe and now: still one line, not a traceback.
+        raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from None
     await server.start()
     return server
