@@ -120,7 +120,7 @@ async def traced_app(redis_url: str, prefix: str) -> AsyncIterator[str]:
 
     settings = Settings.load(env={}, overrides={
         "redis.url": redis_url, "redis.key_prefix": prefix, "server.tracing": True,
-        "engine.retry_interval": 1, "engine.poll_interval": 0.1,
+        "engine.retry_interval": 1, "engine.poll_interval": 0.1, "server.grpc_port": 0,
     })
     runner = web.AppRunner(create_app(settings))
     await runner.setup()
