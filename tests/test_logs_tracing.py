@@ -16,6 +16,7 @@ from aiohttp import web
 from coordinator.keys import KeySpace
 from coordinator.ops.logs import ContextFilter, JsonFormatter, TextFormatter, bind, parse_levels
 from coordinator.settings import RedisSettings, Settings
+from tests.grpc_participant import GrpcParticipant
 from tests.support import ERROR, OK, ONGOING, CoordinatorProcess, Participant, free_port, wait_for
 
 MARKER = "PAYLOAD-MARKER-7731"
@@ -185,3 +186,26 @@ async def test_one_submit_one_trace(
     finally:
         await client.aclose()
     assert TRACE_ID in json.loads(ext or "{}")["headers"]["traceparent"]
+
+
+async def test_grpc_branches_get_the_traceparent_as_metadata(
+    spans: Any, traced_app: str, session: aiohttp.ClientSession, prefix: str,
+) -> None:
+    """A gRPC branch call is a client span too; the participant finds it in metadata."""
+    grpc_participant = await GrpcParticipant().start()
+    try:
+        spans.clear()
+        gid = f"{prefix}-traced-grpc"
+        body = {"gid": gid, "trans_type": "saga", "protocol": "grpc",
+                "steps": [{"action": grpc_participant.url("TransOut"), "compensate": ""}],
+                "payloads": ["x"], "wait_result": True}
+        async with session.post(f"{traced_app}/submit", json=body,
+                                headers={"traceparent": PARENT}) as r:
+            assert r.status == 200, await r.text()
+        (call,) = grpc_participant.calls_to("TransOut", gid)
+        branch_span = next(s for s in spans.get_finished_spans() if s.name == "branch action")
+        _, trace, span, _ = call.metadata["traceparent"].split("-")
+        assert trace == TRACE_ID
+        assert span == f"{branch_span.context.span_id:016x}"
+    finally:
+        await grpc_participant.stop()
