@@ -47,7 +47,9 @@ async def test_branch_failures_are_logged_once_and_rate_limited(
             await api.wait_status(gid, "succeed", timeout=10)
 
         def lines(pattern: str) -> list[str]:
-            return [ln for ln in proc.log_tail(500).splitlines() if re.search(pattern, ln)]
+            # Without the transaction context the text format appends ("[gid=… op=…]").
+            return [re.sub(r" \[gid=[^]]*\]$", "", ln)
+                    for ln in proc.log_tail(500).splitlines() if re.search(pattern, ln)]
 
         # 8 errors on one URL at once: the first 5 are logged, with what an operator needs.
         a1 = re.escape(participant.url("a1"))
