@@ -421,7 +421,9 @@ async def test_health_on_one_redis(
     async with session.get(f"{coordinator.base}/api/health") as r:
         body = await r.json()
     assert r.status == 200
-    assert body == {"mode": "single", "ok": True, "nodes": [{"role": "primary", "ok": True}]}
+    address = coordinator.redis_url.split("//", 1)[1].split("/", 1)[0]
+    assert body == {"mode": "single", "ok": True,
+                    "nodes": [{"node": address, "role": "primary", "ok": True}]}
 
 
 async def test_an_outage_that_lasts_is_store_unavailable_after_the_retries() -> None:

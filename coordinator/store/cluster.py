@@ -137,7 +137,10 @@ async def node_health(client: aioredis.Redis | RedisCluster) -> dict[str, Any]:
             ok = bool(await client.ping())
         except (RedisError, OSError):
             ok = False
-        return {"mode": "single", "ok": ok, "nodes": [{"role": "primary", "ok": ok}]}
+        where = client.connection_pool.connection_kwargs
+        node = where.get("path") or f"{where.get('host', '')}:{where.get('port', '')}"
+        return {"mode": "single", "ok": ok,
+                "nodes": [{"node": str(node), "role": "primary", "ok": ok}]}
     nodes = []
     for node in client.get_nodes():
         try:
