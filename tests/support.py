@@ -282,16 +282,20 @@ async def wait_for(
 class Api:
     """A thin client of the coordinator's HTTP API for tests."""
 
-    def __init__(self, session: aiohttp.ClientSession, api: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, api: str, token: str = "") -> None:
         self.session = session
         self.api = api
+        # The operator token, for a coordinator that has server.api_token set.
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     async def post(self, op: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        async with self.session.post(f"{self.api}/{op}", json=body) as r:
+        async with self.session.post(f"{self.api}/{op}", json=body, headers=self.headers) as r:
             return r.status, await r.json(content_type=None)
 
     async def get(self, op: str, **params: Any) -> tuple[int, dict[str, Any]]:
-        async with self.session.get(f"{self.api}/{op}", params=params) as r:
+        async with self.session.get(
+            f"{self.api}/{op}", params=params, headers=self.headers
+        ) as r:
             return r.status, await r.json(content_type=None)
 
     async def query(self, gid: str) -> dict[str, Any]:

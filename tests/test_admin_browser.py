@@ -81,7 +81,7 @@ async def test_admin_in_a_real_browser(
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     base = admin_coordinator.base
-    api = Api(session, admin_coordinator.api)
+    api = Api(session, admin_coordinator.api, TOKEN)
     done, running, waiting = f"{prefix}-done", f"{prefix}-running", f"{prefix}-waiting"
     # A finished saga (with a secret branch header), one that keeps answering ONGOING
     # (running), one that waits a long retry interval after ONGOING (waiting).
@@ -189,7 +189,8 @@ async def test_admin_in_a_real_browser(
     wait.until(lambda drv: not drv.find_elements(
         By.CSS_SELECTOR, f'.subscriber[data-topic="{prefix}-topic"]'))
     # Delete a whole topic.
-    await api.get("subscribe", topic=f"{prefix}-gone", url=participant.url("s"))
+    status, reply = await api.get("subscribe", topic=f"{prefix}-gone", url=participant.url("s"))
+    assert status == 200, reply
     await in_thread(open_page, "/admin/topics")
     Select(d.find_element(By.ID, "delete-topic")).select_by_value(f"{prefix}-gone")
     d.find_element(By.ID, "delete-button").click()
@@ -221,7 +222,7 @@ async def test_admin_token_rules_without_a_browser(
         async with anon.post(f"{base}/admin/transactions/x/force-stop") as r:
             assert r.status == 401
     bearer = {"Authorization": f"Bearer {TOKEN}"}
-    api = Api(session, admin_coordinator.api)
+    api = Api(session, admin_coordinator.api, TOKEN)
     for i in range(3):
         body = {"gid": f"{prefix}-p{i}", "trans_type": "saga", "wait_result": True,
                 "steps": [{"action": "", "compensate": ""}], "payloads": [""]}
