@@ -358,6 +358,10 @@ async def test_msg_back_check_waits_for_an_open_local_transaction(
     assert not local.done()
     if commits:
         await sql_harness.query_prepared(gid)
+        # The commit that released the row and the back-check's answer can arrive in one
+        # loop iteration, before the local task is resumed: give it a moment, far less
+        # than the 0.3 s it would still sleep had the back-check not waited for it.
+        await asyncio.wait({local}, timeout=0.1)
         assert local.done(), "the back-check answered before the local transaction ended"
         assert await local is BarrierResult.APPLIED
         assert await sql_harness.amount(acct) == START - 10
