@@ -75,6 +75,7 @@ def serve(settings: Settings) -> None:
     from aiohttp import web
 
     from coordinator.api.app import create_app
+    from coordinator.heap import settle
     from coordinator.lifeline import follow_parent
 
     follow_parent(settings.engine.shutdown_grace)
@@ -83,7 +84,8 @@ def serve(settings: Settings) -> None:
     sockets = asyncio.run(prepare(settings, reuse_port=settings.server.reuse_port))
 
     def announce(_aiohttp_banner: str) -> None:
-        # Called by aiohttp once the sites accept connections.
+        # Called by aiohttp once the sites accept connections: start-up is over.
+        settle()
         print(f"coordinator: listening on {describe_listeners(sockets)} "
               f"(dtm API at /api/dtmsvr), state in {describe_redis(settings)}", flush=True)
 
