@@ -130,6 +130,14 @@ def redis_cost(before: dict[str, int], after: dict[str, int], count: int) -> dic
             key.split("@", 1)[1]: round((value - before.get(key, 0)) / n, 1)
             for key, value in after.items() if key.startswith("script_usec@")
         },
+        # Calls and µs per transaction of each command Redis ran, inside scripts or not.
+        "redis_by_command_per_tx": {
+            key.split(":", 1)[1]: [round((after[key] - before.get(key, 0)) / n, 2),
+                                   round((after["usec:" + key.split(":", 1)[1]]
+                                          - before.get("usec:" + key.split(":", 1)[1], 0)) / n,
+                                         1)]
+            for key in after if key.startswith("calls:") and after[key] != before.get(key, 0)
+        },
     }
 
 

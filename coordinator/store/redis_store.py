@@ -31,7 +31,13 @@ from coordinator.store.base import (
     TransitionResult,
 )
 from coordinator.store.batch import ACKED, READ, WRITE, ScriptBatcher
-from coordinator.store.codec import branches_json, pairs_to_dict, trans_fields, trans_from_hash
+from coordinator.store.codec import (
+    branch_records,
+    branches_json,
+    pairs_to_dict,
+    trans_fields,
+    trans_from_hash,
+)
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
 
 P = ParamSpec("P")
@@ -152,7 +158,7 @@ class RedisStore(Store):
             trans.gid,
             trans.status.value,
             orjson.dumps(trans_fields(trans)).decode(),
-            branches_json(trans.branches),
+            branch_records(trans.branches),
             max(0, due_in_ms),
             owner,
             lease_ms or self.lease_ms,
