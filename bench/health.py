@@ -36,7 +36,8 @@ class CpuMeter:
 
 
 class LoopLag:
-    """Reads the coordinator's loop-lag gauge once a second while a run goes on.
+    """Reads the coordinator's loop-lag gauge (the longest stall of the last second, the
+    largest over the workers) once a second while a run goes on.
 
     A revision without the gauge (an older one under --compare) simply yields none.
     """
