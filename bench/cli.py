@@ -13,7 +13,15 @@ from typing import Any
 
 from bench import report
 from bench.env import Checkout
-from bench.scenarios import RunOptions, loadgen_ceiling, redis_ceiling, saga_empty, saga_http
+from bench.scenarios import (
+    RunOptions,
+    loadgen_ceiling,
+    redis_ceiling,
+    resolve_loadgen,
+    saga_empty,
+    saga_http,
+)
+from bench.wrk import wrk_path
 
 Scenario = Callable[[RunOptions], Coroutine[Any, Any, dict[str, Any]]]
 
@@ -52,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="saga-empty: also run on a private Redis Cluster of N primaries "
                    "(one replica each), without and with redis.wait_replicas = 1, next to "
                    "one private Redis")
+    p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
+                   help="who drives saga-empty and saga over HTTP: wrk (a C load "
+                   "generator, the default when installed) or the Python one")
     p.add_argument("--wait-replicas", type=int, default=0,
                    help="redis.wait_replicas for the coordinator (a cluster or replicas)")
 
@@ -61,7 +72,12 @@ def run(args: argparse.Namespace) -> int:
                       concurrency=args.concurrency, workers=args.workers,
                       redis_url=args.redis_url, stock=args.stock,
                       protocol="http" if args.protocol == "both" else args.protocol,
-                      wait_replicas=args.wait_replicas)
+                      wait_replicas=args.wait_replicas,
+                      loadgen=resolve_loadgen(args.loadgen))
+    if opts.loadgen == "wrk" and not wrk_path():
+        print("--loadgen wrk: wrk is not installed (Debian: apt-get install wrk)",
+              file=sys.stderr)
+        return 2
     if args.cluster:
         if args.scenario != "saga-empty" or args.compare or args.protocol != "http":
             print("--cluster goes with saga-empty only, over HTTP, without --compare",
@@ -142,6 +158,8 @@ def median_of(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Median of every numeric figure over the runs, plus min and max of throughput."""
     out: dict[str, Any] = {"scenario": results[0]["scenario"] + " (median)",
                            "runs": len(results)}
+    if "loadgen" in results[0]:
+        out["loadgen"] = results[0]["loadgen"]
     for key, value in results[0].items():
         if isinstance(value, bool) or key in ("scenario", "timeline"):
             continue

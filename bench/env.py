@@ -185,7 +185,14 @@ def _counters(stats: dict[str, Any], commands: dict[str, Any]) -> dict[str, int]
     scripts = [v for k, v in commands.items()
                if k in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro",
                         "cmdstat_eval_ro")]
+    # Per command (inner commands of scripts included), to show where Redis's time goes.
+    by_command = {}
+    for name, v in commands.items():
+        if name.startswith("cmdstat_"):
+            by_command[f"calls:{name[8:]}"] = int(v.get("calls", 0))
+            by_command[f"usec:{name[8:]}"] = int(v.get("usec", 0))
     return {
+        **by_command,
         "script_calls": sum(int(v.get("calls", 0)) for v in scripts),
         # Microseconds Redis spent in scripts (their inner commands included): what the
         # work costs the server itself, so about 1e6 / this per tx is its ceiling on one core.

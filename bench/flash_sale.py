@@ -17,6 +17,7 @@ from array import array
 from typing import Any
 
 from bench.env import BenchEnv, free_port, redis_counters, wait_http
+from bench.health import CpuMeter, LoopLag, lag_figures, with_lag
 from bench.loadgen import run_load
 from bench.progress import show_progress
 from bench.scenarios import RunOptions, make_env
@@ -85,9 +86,13 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
         user[0] += 1
         return "POST", f"/buy?user=u{user[0]}", b""
 
+    lags = LoopLag(env.port)
+    cpu = CpuMeter()
     load = await run_load("127.0.0.1", port, factory, check, concurrency=opts.concurrency,
                           duration=opts.duration, warmup=opts.warmup, recorder=recorder)
+    cpu_share = cpu.share()
     after = await redis_counters(r)
+    lag = await lags.stop()
     progress.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await progress
@@ -124,6 +129,8 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
         "p99_ms": round(s.p99_ms, 2),
         "errors": load.errors,
         "error_samples": load.error_samples,
+        "loadgen": "python",
+        "loadgen_cpu_share": round(cpu_share, 3),
         "stock": stock,
         "stock_sold": sold,
         "stock_left": left,
@@ -138,6 +145,8 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
         "redis_commands_per_tx": round((after["commands"] - before["commands"]) / n, 2),
         "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
         "redis_usec_per_tx": round((after["script_usec"] - before["script_usec"]) / n, 1),
-        "timeline": timeline(recorder, measured_start, int(opts.duration)),
+        **lag_figures(lag, measured_start),
+        "timeline": with_lag(timeline(recorder, measured_start, int(opts.duration)), lag,
+                             measured_start),
         "orders_timeline": orders_over_time,
     }

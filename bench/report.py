@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -27,8 +28,9 @@ _CHECK_COLUMNS = ["correct", "orders", "stock_sold"]
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    cols = ["scenario", "tx_per_s", "p50_ms", "p95_ms", "p99_ms", "errors",
-            "redis_calls_per_tx", "redis_bytes_per_tx", "ceiling_ratio"]
+    cols = ["scenario", "loadgen", "tx_per_s", "p50_ms", "p95_ms", "p99_ms", "errors",
+            "redis_calls_per_tx", "redis_commands_per_tx", "redis_usec_per_tx",
+            "loadgen_cpu_share", "loop_lag_ms_max", "ceiling_ratio"]
     cols += [c for c in _CHECK_COLUMNS if any(c in r for r in results)]
     rows = [[_fmt(r.get(c)) for c in cols] for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
@@ -56,7 +58,9 @@ def save_json(path: Path, results: list[dict[str, Any]], options: dict[str, Any]
 
 
 def plot(path: Path, result: dict[str, Any]) -> bool:
-    """Throughput and p99 latency per second; False when matplotlib is missing."""
+    """Throughput, p99 latency (the Python load generator measures it per second, wrk
+    does not) and the coordinator's longest event-loop stall per second; False when
+    matplotlib is missing."""
     try:
         import matplotlib
 
@@ -68,15 +72,18 @@ def plot(path: Path, result: dict[str, Any]) -> bool:
     if not points:
         return False
     seconds = [p[0] for p in points]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    fig, (top, bottom, lag) = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
     top.plot(seconds, [p[1] for p in points], color="tab:blue")
     top.set_ylabel("completed per second")
     top.set_title(f"{result['scenario']}: {result.get('tx_per_s', 0):,.0f}/s median run")
     top.grid(alpha=0.3)
     bottom.plot(seconds, [p[2] for p in points], color="tab:red")
     bottom.set_ylabel("p99 latency (ms)")
-    bottom.set_xlabel("second of the measured window")
     bottom.grid(alpha=0.3)
+    lag.plot(seconds, [p[3] if len(p) > 3 else math.nan for p in points], color="tab:green")
+    lag.set_ylabel("longest loop stall (ms)")
+    lag.set_xlabel("second of the measured window")
+    lag.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -16,9 +17,11 @@ from redis.asyncio.cluster import RedisCluster
 
 from bench.env import ROOT, BenchEnv, free_port, redis_counters
 from bench.grpc_load import run_grpc_saga_load
+from bench.health import CpuMeter, LoopLag, lag_figures, with_lag
 from bench.loadgen import LoadResult, RequestFactory, run_load
 from bench.progress import show_progress
 from bench.stats import Recorder, summarize, timeline
+from bench.wrk import run_wrk, wrk_path
 from coordinator.keys import KeySpace
 from coordinator.machines.saga import branches_for
 from coordinator.model import BranchStatus, Options, Status, Trans
@@ -42,6 +45,8 @@ class RunOptions:
     cluster: int = 0
     # redis.wait_replicas for the coordinator.
     wait_replicas: int = 0
+    # Who drives HTTP saga submits: "wrk" (when installed) or "python" (bench/loadgen.py).
+    loadgen: str = "python"
 
     @property
     def label(self) -> str:
@@ -68,8 +73,12 @@ async def measure(
         assert env.redis is not None
         before.update(await redis_counters(env.redis))
 
+    if opts.protocol == "http" and opts.loadgen == "wrk":
+        return await measure_wrk(label, env, steps, opts)
     snap = asyncio.create_task(snapshot_after_warmup())
+    lags = LoopLag(env.port)
     start = time.perf_counter()
+    cpu = CpuMeter()
     result: LoadResult
     if opts.protocol == "grpc":
         result = await run_grpc_saga_load(
@@ -81,15 +90,17 @@ async def measure(
             "127.0.0.1", env.port, saga_factory(steps), ok_200, concurrency=opts.concurrency,
             duration=opts.duration, warmup=opts.warmup, recorder=recorder,
         )
+    cpu_share = cpu.share()
     await snap
     after = await redis_counters(env.redis)
+    lag = await lags.stop()
     progress.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await progress
     s = summarize(recorder, opts.duration)
-    n = max(s.count, 1)
     return {
         "scenario": label if opts.protocol == "http" else f"{label} ({opts.protocol})",
+        "loadgen": "python" if opts.protocol == "http" else "python-grpc",
         "tx_per_s": round(s.per_s, 1),
         "transactions": s.count,
         "p50_ms": round(s.p50_ms, 2),
@@ -98,6 +109,18 @@ async def measure(
         "max_ms": round(s.max_ms, 2),
         "errors": result.errors,
         "error_samples": result.error_samples,
+        "loadgen_cpu_share": round(cpu_share, 3),
+        **redis_cost(before, after, s.count),
+        **lag_figures(lag, start + opts.warmup),
+        "timeline": with_lag(timeline(recorder, start + opts.warmup, int(opts.duration)),
+                             lag, start + opts.warmup),
+    }
+
+
+def redis_cost(before: dict[str, int], after: dict[str, int], count: int) -> dict[str, Any]:
+    """Redis's work per transaction from INFO counter deltas over the measured window."""
+    n = max(count, 1)
+    return {
         "redis_calls_per_tx": round((after["script_calls"] - before["script_calls"]) / n, 2),
         "redis_commands_per_tx": round((after["commands"] - before["commands"]) / n, 2),
         "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
@@ -107,18 +130,79 @@ async def measure(
             key.split("@", 1)[1]: round((value - before.get(key, 0)) / n, 1)
             for key, value in after.items() if key.startswith("script_usec@")
         },
-        "timeline": timeline(recorder, start + opts.warmup, int(opts.duration)),
+        # Calls and µs per transaction of each command Redis ran, inside scripts or not.
+        "redis_by_command_per_tx": {
+            key.split(":", 1)[1]: [round((after[key] - before.get(key, 0)) / n, 2),
+                                   round((after["usec:" + key.split(":", 1)[1]]
+                                          - before.get("usec:" + key.split(":", 1)[1], 0)) / n,
+                                         1)]
+            for key in after if key.startswith("calls:") and after[key] != before.get(key, 0)
+        },
     }
 
 
-def saga_factory(steps: list[dict[str, str]]) -> RequestFactory:
-    run = uuid.uuid4().hex[:8]
+async def measure_wrk(
+    label: str, env: BenchEnv, steps: list[dict[str, str]], opts: RunOptions
+) -> dict[str, Any]:
+    """measure() with wrk driving the submits: warm-up run, counters, measured run."""
+    assert env.redis is not None
+    head, tail = submit_template(steps)
+    url = f"http://127.0.0.1:{env.port}"
+    if opts.warmup > 0:
+        await run_wrk(url, head, tail, concurrency=opts.concurrency, duration=opts.warmup,
+                      warmup=0)
+    before = await redis_counters(env.redis)
+    lags = LoopLag(env.port)
+    start = time.perf_counter()
+    w = await run_wrk(url, head, tail, concurrency=opts.concurrency, duration=opts.duration,
+                      warmup=0)
+    after = await redis_counters(env.redis)
+    lag = await lags.stop()
+    first = min(w.per_second, default=0)
+    points = [(float(s - first), float(n), math.nan) for s, n in sorted(w.per_second.items())]
+    # wrk counts by wall-clock second: the lag samples are placed on the same clock.
+    offset = time.time() - time.perf_counter()
+    lag_wall = [(t + offset - first, v) for t, v in lag]
+    return {
+        "scenario": label,
+        "loadgen": "wrk",
+        "tx_per_s": round(w.ok / w.seconds, 1),
+        "transactions": w.ok,
+        "p50_ms": round(w.p50_ms, 2),
+        "p95_ms": round(w.p95_ms, 2),
+        "p99_ms": round(w.p99_ms, 2),
+        "max_ms": round(w.max_ms, 2),
+        "errors": w.failed,
+        "error_samples": w.error_samples,
+        "status_codes": w.statuses,
+        "loadgen_cpu_share": round(w.cpu_share, 3),
+        **redis_cost(before, after, w.ok),
+        **lag_figures(lag, start),
+        "timeline": with_lag(points, lag_wall, 0.0),
+    }
+
+
+def submit_template(steps: list[dict[str, str]]) -> tuple[str, str]:
+    """The JSON of a saga submit around its gid: (before the gid, after it)."""
     payloads = ["{}"] * len(steps)
     template = orjson.dumps(
         {"gid": "GID", "trans_type": "saga", "steps": steps, "payloads": payloads,
          "wait_result": True}
     ).decode()
     head, tail = template.split("GID")
+    return head, tail
+
+
+def resolve_loadgen(choice: str) -> str:
+    """--loadgen auto: wrk when it is installed, else the Python generator."""
+    if choice == "auto":
+        return "wrk" if wrk_path() else "python"
+    return choice
+
+
+def saga_factory(steps: list[dict[str, str]]) -> RequestFactory:
+    run = uuid.uuid4().hex[:8]
+    head, tail = submit_template(steps)
 
     def factory(n: int) -> tuple[str, str, bytes]:
         return "POST", "/api/dtmsvr/submit", f"{head}{run}-{n}{tail}".encode()

@@ -74,6 +74,7 @@ def serve(settings: Settings) -> None:
         sys.exit(code)
     from coordinator.api.app import create_app
     from coordinator.api.server import serve_app
+    from coordinator.heap import settle
     from coordinator.lifeline import follow_parent
 
     follow_parent(settings.engine.shutdown_grace)
@@ -82,6 +83,8 @@ def serve(settings: Settings) -> None:
     sockets = asyncio.run(prepare(settings, reuse_port=settings.server.reuse_port))
 
     def announce() -> None:
+        # Called once the listeners accept connections: start-up is over.
+        settle()
         print(f"coordinator: listening on {describe_listeners(sockets)} "
               f"(dtm API at /api/dtmsvr), state in {describe_redis(settings)}", flush=True)
 

@@ -21,7 +21,9 @@ _EXPLICIT = re.compile(r"\{(\d{1,5})\}")
 
 def partition_of(gid: str, partitions: int) -> int:
     """The partition a gid belongs to: an explicit ``{N}`` tag if present, else a hash."""
-    match = _EXPLICIT.search(gid)
+    # The regex only when a brace is there: most gids have none, and this runs for
+    # every key of every script call.
+    match = _EXPLICIT.search(gid) if "{" in gid else None
     if match is not None and int(match.group(1)) < partitions:
         return int(match.group(1))
     return zlib.crc32(gid.encode()) % partitions

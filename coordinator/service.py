@@ -29,7 +29,16 @@ from coordinator.errors import (
 from coordinator.fingerprint import fingerprint
 from coordinator.machines import msg
 from coordinator.machines.base import timeout_of
-from coordinator.model import FINISHED, UNFINISHED, Branch, BranchStatus, Op, Status, Trans
+from coordinator.model import (
+    FINISHED,
+    UNFINISHED,
+    Branch,
+    BranchStatus,
+    Op,
+    Status,
+    Trans,
+    evolve,
+)
 from coordinator.requests import GidRequest, RegisterRequest, TransRequest, WorkflowState
 from coordinator.settings import Settings
 from coordinator.store.base import ListFilter, Page, Transition
@@ -91,7 +100,7 @@ class Service:
         if trans.trans_type in ("saga", "msg") and not trans.steps:
             raise BadRequest(f"a {trans.trans_type} needs at least one step", "steps")
         trans = await self._with_branches(trans)
-        trans = replace(trans, fingerprint=fingerprint(trans))
+        trans = evolve(trans, fingerprint=fingerprint(trans))
         try:
             task = await self.engine.create_and_run(trans, due_in_ms=0)
         except AlreadyExists as exc:

@@ -7,7 +7,10 @@
 -- ARGV[1] = gid
 -- ARGV[2] = status to create with (prepared | submitted)
 -- ARGV[3] = JSON object of further string fields for the transaction hash
--- ARGV[4] = JSON list of branch objects (each with branch_id and op), in layout order
+-- ARGV[4] = the branches in layout order, two lines each: the field name
+--           "<branch_id>:<op>", then its JSON record (with "seq") cut off right after
+--           '"create_time":"', which the script completes with the time it reads
+--           (create_time and update_time)
 -- ARGV[5] = ms from now until the transaction is first due
 -- ARGV[6] = lease owner token, or "" to create it unowned
 -- ARGV[7] = lease length in ms (when ARGV[6] is set)

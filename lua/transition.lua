@@ -47,10 +47,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local snow = string.format('%d', now)
 
 -- Branch results: read the records to change in one HMGET, write them in one HSET.
-local updates = cjson.decode(ARGV[6])
+local updates = {}
 local bkeys = {}
-for key, _ in pairs(updates) do
-  bkeys[#bkeys + 1] = key
+if ARGV[6] ~= '{}' then
+  updates = cjson.decode(ARGV[6])
+  for key, _ in pairs(updates) do
+    bkeys[#bkeys + 1] = key
+  end
 end
 if #bkeys > 0 then
   local raws = redis.call('HMGET', KEYS[2], unpack(bkeys))
@@ -77,9 +80,11 @@ if ARGV[4] ~= '' then
   new = ARGV[4]
 end
 local hset = {'status', new, 'update_time', snow}
-for k, v in pairs(cjson.decode(ARGV[5])) do
-  hset[#hset + 1] = k
-  hset[#hset + 1] = v
+if ARGV[5] ~= '{}' then  -- most transitions set no further field: skip the decoding
+  for k, v in pairs(cjson.decode(ARGV[5])) do
+    hset[#hset + 1] = k
+    hset[#hset + 1] = v
+  end
 end
 
 if new == 'succeed' or new == 'failed' then

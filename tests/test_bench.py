@@ -7,6 +7,7 @@ reproducible. Each scenario starts its own private redis-server.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ from bench import report
 from bench.cli import median_of
 from bench.flash_sale import flash_sale
 from bench.scenarios import RunOptions, redis_ceiling, saga_empty, saga_http
+from bench.wrk import wrk_path
 from tests.cluster_support import have_cluster_tools
 from tests.conftest import require_service
 
@@ -45,6 +47,41 @@ async def test_saga_empty_runs() -> None:
     ceiling = result["ceiling"]
     assert isinstance(ceiling, dict)
     assert ceiling["tx_per_s"] > 0
+
+
+async def test_saga_empty_driven_by_wrk_reports_its_figures() -> None:
+    """--loadgen wrk: unique-gid submits from wrk's Lua script, every answer counted by
+    status code, wrk's CPU share and the coordinator's loop stalls in the report."""
+    if wrk_path() is None:
+        require_service("wrk", "not on PATH (Debian: apt-get install wrk)")
+    result = await saga_empty(replace(SHORT, loadgen="wrk"))
+    _check_common(result)
+    assert result["loadgen"] == "wrk"
+    transactions = result["transactions"]
+    assert isinstance(transactions, int)
+    assert transactions > 0
+    # Every answer was a 200, and each was a distinct saga that Redis created and finished.
+    assert result["status_codes"] == {"200": transactions}, result["status_codes"]
+    assert 1.9 <= float(result["redis_calls_per_tx"]) < 3
+    share = result["loadgen_cpu_share"]
+    assert isinstance(share, float)
+    assert 0 < share < 1
+    lag = result["loop_lag_ms_max"]
+    assert isinstance(lag, float)
+    assert lag >= 0
+    timeline = result["timeline"]
+    assert isinstance(timeline, list)
+    assert sum(point[1] for point in timeline) == transactions
+    assert any(not math.isnan(point[3]) for point in timeline)
+
+
+async def test_python_loadgen_reports_its_cpu_share() -> None:
+    result = await saga_empty(replace(SHORT, loadgen="python", duration=1.5))
+    _check_common(result)
+    assert result["loadgen"] == "python"
+    share = result["loadgen_cpu_share"]
+    assert isinstance(share, float)
+    assert 0 < share < 1
 
 
 async def test_saga_with_participants_runs() -> None:

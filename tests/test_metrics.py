@@ -222,3 +222,35 @@ async def test_workers_scrape_sums_every_process(
     finally:
         await coord.aclose()
     assert not any(d.exists() for d in made)  # removed at exit
+
+
+async def test_loop_lag_gauge_shows_a_stall_of_the_event_loop() -> None:
+    """coordinator_event_loop_lag_seconds: the longest stall of the last two flush
+    windows (a second, as the refresher flushes every half second)."""
+    import time
+
+    from coordinator.ops.metrics import Metrics, probe_loop_lag
+
+    metrics = Metrics()
+    probe = asyncio.create_task(probe_loop_lag(metrics))
+    try:
+        await asyncio.sleep(0.05)
+        metrics.flush()
+        quiet = metrics.loop_lag._value.get()
+        time.sleep(0.08)  # the loop is blocked: the probe's 10 ms timer fires late
+        await asyncio.sleep(0.03)
+        metrics.flush()
+        stalled = metrics.loop_lag._value.get()
+        await asyncio.sleep(0.03)
+        metrics.flush()
+        still = metrics.loop_lag._value.get()  # the gauge covers the last two windows
+        await asyncio.sleep(0.03)
+        metrics.flush()
+        after = metrics.loop_lag._value.get()
+    finally:
+        probe.cancel()
+    assert stalled >= 0.06
+    assert still == stalled
+    # Windows without the stall read less (not zero: the machine may be busy).
+    assert quiet < stalled
+    assert after < stalled

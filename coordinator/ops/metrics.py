@@ -55,6 +55,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 # How many due-index entries per partition the refresher reads statuses of.
 STATUS_SAMPLE = 1000
 FLUSH_SECONDS = 0.5
+# The loop-lag probe's timer: short enough to catch stalls of a few ms, long enough that
+# its wake-ups (100 a second, a few µs each) cost nothing measurable.
+LAG_PROBE_SECONDS = 0.01
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -134,6 +137,13 @@ class Metrics(Observer):
             "coordinator_wait_result_waiters", "Submit requests waiting for the outcome",
             registry=r, multiprocess_mode="livesum",
         )
+        self.loop_lag = Gauge(
+            "coordinator_event_loop_lag_seconds",
+            f"Longest event-loop stall in the last {2 * FLUSH_SECONDS:g} s: how late a "
+            f"{LAG_PROBE_SECONDS * 1000:.0f} ms timer fired (max over the workers)",
+            registry=r, multiprocess_mode="livemax",
+        )
+        self._max_lag = self._previous_lag = 0.0
         self._counts: dict[tuple[Any, tuple[str, ...]], int] = {}
         self._observed: dict[tuple[Any, tuple[str, ...]], _Pending] = {}
         self._branches: dict[tuple[str, str, bool], int] = {}
@@ -150,8 +160,16 @@ class Metrics(Observer):
             pending = self._observed[(metric, labels)] = _Pending(child)
         pending.add(value)
 
+    def lag(self, seconds: float) -> None:
+        if seconds > self._max_lag:
+            self._max_lag = seconds
+
     def flush(self) -> None:
         """Move what the hooks recorded into the prometheus-client metrics."""
+        # Over the last two windows (about a second): a reader polling once a second
+        # then misses no stall between its reads.
+        self.loop_lag.set(max(self._max_lag, self._previous_lag))
+        self._previous_lag, self._max_lag = self._max_lag, 0.0
         counts, self._counts = self._counts, {}
         for (metric, labels), n in counts.items():
             (metric.labels(*labels) if labels else metric).inc(n)
@@ -382,14 +400,27 @@ class Refresher:
             await asyncio.sleep(min(FLUSH_SECONDS, self.every))
 
 
+async def probe_loop_lag(metrics: Metrics) -> None:
+    """How late a short timer fires is how long the loop was busy with something else:
+    the stalls that become tail latency (a GC pass, a slow callback)."""
+    # perf_counter, not loop.time(): uvloop's clock is cached per iteration in whole ms.
+    clock = time.perf_counter
+    while True:
+        started = clock()
+        await asyncio.sleep(LAG_PROBE_SECONDS)
+        metrics.lag(max(0.0, clock() - started - LAG_PROBE_SECONDS))
+
+
 @contextlib.asynccontextmanager
 async def refreshing(refresher: Refresher) -> AsyncIterator[None]:
-    task = asyncio.create_task(refresher.run(), name="coordinator-metrics")
+    tasks = [asyncio.create_task(refresher.run(), name="coordinator-metrics"),
+             asyncio.create_task(probe_loop_lag(refresher.metrics), name="coordinator-lag")]
     try:
         yield
     finally:
-        task.cancel()
+        for task in tasks:
+            task.cancel()
         # Bounded: a Redis read cancelled in flight may only end when the store closes
         # its connections, which comes later in the shutdown; waiting here for it would
         # hang the stop (seen with a SIGTERM right after start-up).
-        await asyncio.wait({task}, timeout=1.0)
+        await asyncio.wait(tasks, timeout=1.0)

@@ -97,6 +97,21 @@ def branches_json(branches: Sequence[Branch]) -> str:
     return orjson.dumps([branch_to_json(b) for b in branches]).decode()
 
 
+def branch_records(branches: Sequence[Branch]) -> str:
+    """ARGV[4] of create.lua: per branch, its field name and its JSON record cut off
+    where the creation time goes, one per line (JSON text holds no raw newline).
+
+    The script appends the time it reads from Redis to each, instead of decoding and
+    re-encoding every record: that JSON work was about half of create's time in Redis.
+    """
+    lines = []
+    for seq, branch in enumerate(branches, 1):
+        record = {**branch_to_json(branch), "seq": seq, "create_time": ""}
+        lines.append(f"{branch.branch_id}:{branch.op.value}")
+        lines.append(orjson.dumps(record)[:-2].decode())  # ends in "create_time":"
+    return "\n".join(lines)
+
+
 def _int(value: Any) -> int:
     try:
         return int(value or 0)

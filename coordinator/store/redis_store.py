@@ -34,6 +34,7 @@ from coordinator.store.base import (
 from coordinator.store.batch import ACKED, READ, WRITE, ScriptBatcher
 from coordinator.store.codec import (
     CorruptRecord,
+    branch_records,
     branches_json,
     pairs_to_dict,
     trans_fields,
@@ -161,7 +162,7 @@ class RedisStore(Store):
             trans.gid,
             trans.status.value,
             orjson.dumps(trans_fields(trans)).decode(),
-            branches_json(trans.branches),
+            branch_records(trans.branches),
             max(0, due_in_ms),
             owner,
             lease_ms or self.lease_ms,
