@@ -29,6 +29,10 @@ class StoreUnavailable(CoordinatorError):
     """Redis cannot be reached right now; the client should retry (HTTP 503)."""
 
 
+class PartitionMismatch(CoordinatorError):
+    """redis.partitions differs from the count the stored transactions were keyed with."""
+
+
 class NotFound(CoordinatorError):
     """No transaction with that gid."""
 

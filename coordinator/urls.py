@@ -158,7 +158,7 @@ def _grpc_target(url: str, field: str) -> list[HostPort]:
     return [HostPort(host, port or 0) for host, port in found]
 
 
-_HOST = re.compile(r"^[0-9A-Za-z._:\-]+$")  # names, IPv4, IPv6 (brackets removed)
+_HOST = re.compile(r"^[0-9A-Za-z._:\-]+\Z")  # names, IPv4, IPv6 (brackets removed)
 
 
 # protocol → rule returning the hosts a URL makes the coordinator connect to, each

@@ -258,6 +258,28 @@ async def test_token_is_required_as_metadata(redis_url: str, prefix: str) -> Non
         await proc.aclose()
 
 
+async def test_topic_rpcs_need_the_token_like_the_operator_routes(
+    redis_url: str, prefix: str
+) -> None:
+    """Transaction RPCs stay open (dtm's clients send no token); the topic RPCs are the
+    HTTP API's operator routes and need the token once one is set."""
+    proc = await CoordinatorProcess(
+        redis_url, prefix, COORDINATOR_SERVER_API_TOKEN="s3cret"
+    ).start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as ch:
+            stub = pb_grpc.DtmStub(ch)
+            assert (await stub.NewGid(empty_pb2.Empty())).Gid
+            topic = pb.DtmTopicRequest(Topic=f"{prefix}-t", URL="http://127.0.0.1:9/s")
+            for call in (stub.Subscribe, stub.Unsubscribe, stub.DeleteTopic):
+                code, _ = await code_of(call(topic))
+                assert code == grpc.StatusCode.UNAUTHENTICATED, call
+            await stub.Subscribe(topic, metadata=(("authorization", "Bearer s3cret"),))
+            await stub.DeleteTopic(topic, metadata=(("authorization", "Bearer s3cret"),))
+    finally:
+        await proc.aclose()
+
+
 def _listeners(port: int) -> int:
     """Listening TCP sockets on `port` (each SO_REUSEPORT process has its own)."""
     count = 0

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from coordinator.api.wire import MAX_OPTION
 from coordinator.engine.http1 import Http1Error, Http1Pool
@@ -19,7 +20,7 @@ from coordinator.errors import BadRequest
 from coordinator.keys import KeySpace
 from coordinator.settings import RedisSettings, Settings, SettingsError
 from coordinator.urls import HostAllowlist, HostPort, UrlPolicy
-from tests.support import Api, CoordinatorProcess, Participant, saga_body
+from tests.support import Api, AppServer, CoordinatorProcess, Participant, saga_body
 
 
 def gid() -> str:
@@ -330,3 +331,42 @@ async def test_an_unreadable_status_or_branch_record_is_shown_raw_not_a_500(
     status, reply = await api.get("all", limit=1000)
     assert status == 200, reply
     assert gids[1] in [t["gid"] for t in reply["transactions"]]  # its hash reads fine
+    # The admin page shows it as stored too, with what may hold credentials hidden.
+    async with aiohttp.ClientSession() as http:
+        for g in gids:
+            async with http.get(f"{shared_coordinator.base}/admin/transactions/{g}") as r:
+                page = await r.text()
+                assert r.status == 200, page
+                assert "cannot be read" in page
+                assert "(hidden)" in page  # options: branch_headers live there
+
+
+async def test_branch_calls_do_not_follow_redirects(api: Api) -> None:
+    """A redirect is the branch's answer (an error, retried), never followed: following
+    it could reach a host outside engine.allowed_branch_hosts and count that host's 200
+    as the branch's success. The aiohttp path (https, JSON-RPC branches) is checked."""
+    reached: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/elsewhere")
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        reached.append(request.path)
+        return web.json_response({"jsonrpc": "2.0", "result": "SUCCESS", "id": "1"})
+
+    app = web.Application()
+    app.router.add_route("*", "/rpc", redirect)
+    app.router.add_route("*", "/elsewhere", elsewhere)
+    server = await AppServer(app).start()
+    try:
+        gid = f"redirect-{uuid.uuid4().hex[:8]}"
+        status, reply = await api.post("submit", {
+            "gid": gid, "trans_type": "saga", "protocol": "json-rpc", "retry_interval": 60,
+            "steps": [{"action": server.url("rpc?method=TransOut"), "compensate": ""}],
+            "payloads": ["{}"], "wait_result": True,
+        })
+        assert status == 425, reply  # an error: retried later, not a success
+        assert reached == []
+        assert await api.status(gid) == "submitted"
+    finally:
+        await server.stop()

@@ -877,3 +877,27 @@ async def test_workflow_submit_cannot_finish_another_mode(api: Api) -> None:
     assert status == 409, body
     assert "not a workflow" in body["message"]
     assert await api.status(gid) == "prepared"
+
+
+async def test_a_submit_of_another_type_does_not_take_over_a_prepared_one(
+    api: Api, participant: Participant
+) -> None:
+    """A tcc submit under a prepared workflow's gid used to move it on, after which its
+    client could neither record steps nor finish it; a saga submit likewise a tcc."""
+    gid = new_gid("wf-typed")
+    await prepare_workflow(api, {"gid": gid, "trans_type": "workflow"})
+    reply = await refused(api, "submit", {"gid": gid, "trans_type": "tcc"})
+    assert "is a workflow, not a tcc" in reply["message"]
+    assert await api.status(gid) == "prepared"
+    await ok(api, "registerBranch", workflow_step(gid, "01", "action", "succeed", ""))
+    await ok(api, "submit", {"gid": gid, "trans_type": "workflow",
+                             "req_extra": {"status": "succeed"}})
+    assert await api.status(gid) == "succeed"
+
+    tcc = new_gid("tcc-typed")
+    await ok(api, "prepare", {"gid": tcc, "trans_type": "tcc"})
+    saga = {"gid": tcc, "trans_type": "saga", "payloads": ["{}"],
+            "steps": [{"action": participant.url("a1"), "compensate": ""}]}
+    await refused(api, "submit", saga)
+    assert await api.status(tcc) == "prepared"
+    assert calls_of(participant, tcc) == []

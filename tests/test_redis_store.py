@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from fakeredis import aioredis as fake_aioredis
 from redis.crc import key_slot
 
-from coordinator.errors import NotFound
+from coordinator.errors import NotFound, PartitionMismatch
 from coordinator.keys import KeySpace, partition_of, tag
 from coordinator.model import Status
 from coordinator.store.base import ListFilter, Transition
@@ -299,3 +299,20 @@ async def test_a_damaged_record_does_not_fail_the_claim_of_its_batch(
     await rstore.client.hset(rstore.keys.for_gid(bad).trans, "status", "bogus")
     claimed = await rstore.claim(p, 10, "w1")
     assert sorted(c.trans.gid for c in claimed) == sorted(good)
+
+
+async def test_a_start_with_another_partition_count_is_refused(
+    redis_url: str, prefix: str
+) -> None:
+    """The count is in every key's name: a restart with another one would look for the
+    stored transactions under other keys, so it is refused at start, naming the count."""
+    first = RedisStore.from_url(redis_url, KeySpace(prefix, 16))
+    await first.start()
+    await first.close()
+    same = RedisStore.from_url(redis_url, KeySpace(prefix, 16))
+    await same.start()  # the recorded count agrees
+    await same.close()
+    other = RedisStore.from_url(redis_url, KeySpace(prefix, 63))
+    with pytest.raises(PartitionMismatch, match=r"redis\.partitions = 16"):
+        await other.start()
+    await other.close()

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from coordinator.api.wire import MAX_STEPS, TransRequest, parse_trans
+from coordinator.api.wire import MAX_STEPS, TransRequest, check_gid, parse_register, parse_trans
 from coordinator.errors import BadRequest
 from coordinator.model import BranchStatus, Op, Status
 from coordinator.settings import Settings, SettingsError
@@ -295,3 +295,20 @@ def test_unreadable_config_file_is_an_error(tmp_path: Path) -> None:
         Settings.load(config_file=str(tmp_path / "missing.toml"), env={})
     with pytest.raises(SettingsError, match="cannot read config file"):
         Settings.load(config_file=write_toml(tmp_path, "[server\nport = 1\n"), env={})
+
+
+@pytest.mark.parametrize("gid", ["order-1\n", "order-1\r\n", "\norder-1"])
+def test_a_gid_with_a_line_break_is_refused(gid: str) -> None:
+    # "$" in a pattern also matches before a final newline: such a gid used to pass,
+    # then broke every gRPC metadata value and log line it went into.
+    with pytest.raises(BadRequest):
+        check_gid(gid)
+    with pytest.raises(BadRequest):
+        parse_trans(orjson.dumps({"gid": gid, "trans_type": "tcc"}), Status.PREPARED)
+
+
+def test_a_branch_id_with_a_line_break_is_refused() -> None:
+    body = {"gid": "g1", "trans_type": "tcc", "branch_id": "01\n", "confirm": "", "cancel": ""}
+    with pytest.raises(BadRequest, match="branch_id"):
+        parse_register(orjson.dumps(body))
+    assert parse_register(orjson.dumps({**body, "branch_id": "01"})).branch_id == "01"

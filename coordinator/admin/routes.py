@@ -26,6 +26,7 @@ from coordinator.errors import BadRequest, NotFound, TransactionFailure
 from coordinator.model import Status, Trans
 from coordinator.requests import GidRequest
 from coordinator.store.base import ListFilter
+from coordinator.store.codec import CorruptRecord
 
 PREVIEW_CHARS = 200
 MAX_PAGES_SCANNED = 20  # a gid-prefix filter reads at most this many pages per view
@@ -196,7 +197,15 @@ def _timeline(trans: Trans) -> list[tuple[int, str]]:
 
 async def transaction(request: web.Request) -> web.StreamResponse:
     gid = request.match_info["gid"]
-    trans = await request.app[STORE].load(gid)
+    try:
+        trans = await request.app[STORE].load(gid)
+    except CorruptRecord as exc:
+        # Shown as stored (as `query` does), not a 500: an operator came to look at it.
+        # options and ext may hold branch_headers (credentials): never shown.
+        fields = sorted((k, "(hidden)" if k in ("options", "ext") else v[:PREVIEW_CHARS])
+                        for k, v in exc.fields.items())
+        return render(request, "corrupt.html", status=200, gid=gid, reason=str(exc),
+                      fields=fields)
     if trans is None:
         return render(request, "missing.html", status=404, gid=gid)
     branches = [

@@ -97,13 +97,20 @@ class DtmServicer(pb_grpc.DtmServicer):
     def __init__(self, service: Service, settings: Settings) -> None:
         self.service = service
         server = settings.server
+        # As over HTTP: the transaction RPCs need the token only with
+        # protect_transaction_routes, the topic RPCs (operator routes) whenever it is set.
         self.token = server.api_token if server.protect_transaction_routes else ""
+        self.operator_token = server.api_token
 
-    async def _answer(self, context: Context, run: Callable[[], Awaitable[_R]], empty: _R) -> _R:
+    async def _answer(
+        self, context: Context, run: Callable[[], Awaitable[_R]], empty: _R,
+        operator: bool = False,
+    ) -> _R:
         try:
-            if self.token:
+            token = self.operator_token if operator else self.token
+            if token:
                 auth = dict(context.invocation_metadata() or ()).get("authorization", "")
-                if not token_matches(self.token, bearer_value(str(auth))):
+                if not token_matches(token, bearer_value(str(auth))):
                     raise Unauthorized("this call needs metadata authorization: Bearer <token>")
             return await run()
         except Exception as exc:
@@ -183,7 +190,7 @@ class DtmServicer(pb_grpc.DtmServicer):
             await self.service.subscribe(request.Topic, request.URL, request.Remark)
             return empty_pb2.Empty()
 
-        return await self._answer(context, run, empty_pb2.Empty())
+        return await self._answer(context, run, empty_pb2.Empty(), operator=True)
 
     async def Unsubscribe(
         self, request: pb.DtmTopicRequest, context: Context
@@ -192,7 +199,7 @@ class DtmServicer(pb_grpc.DtmServicer):
             await self.service.unsubscribe(request.Topic, request.URL)
             return empty_pb2.Empty()
 
-        return await self._answer(context, run, empty_pb2.Empty())
+        return await self._answer(context, run, empty_pb2.Empty(), operator=True)
 
     async def DeleteTopic(
         self, request: pb.DtmTopicRequest, context: Context
@@ -201,7 +208,7 @@ class DtmServicer(pb_grpc.DtmServicer):
             await self.service.delete_topic(request.Topic)
             return empty_pb2.Empty()
 
-        return await self._answer(context, run, empty_pb2.Empty())
+        return await self._answer(context, run, empty_pb2.Empty(), operator=True)
 
 
 async def start_grpc(service: Service, settings: Settings) -> grpc.aio.Server:

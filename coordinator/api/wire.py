@@ -17,7 +17,9 @@ from coordinator.machines import msg, saga
 from coordinator.model import TRANS_TYPES, Branch, Options, Status, Trans
 from coordinator.requests import GidRequest, RegisterRequest, TransRequest
 
-GID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+# fullmatch, not match: "$" also matches before a final newline, and a gid or branch id
+# ending in one passed, then broke every gRPC metadata value and log line it went into.
+GID_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
 MAX_STEPS = 1000
 # Upper bound of the integer options (seconds, or a count for retry_limit): 100 years.
 # Larger values overflowed the Lua scripts' integer formatting and made the stored times
@@ -42,7 +44,7 @@ def check_gid(value: Any) -> str:
         raise BadRequest("gid is required", "gid")
     if not isinstance(value, str):
         raise BadRequest("gid must be a string", "gid")
-    if not GID_PATTERN.match(value):
+    if not GID_PATTERN.fullmatch(value):
         raise BadRequest("gid must be 1-128 printable ASCII characters without spaces", "gid")
     return value
 
@@ -92,7 +94,7 @@ def _string_map(data: Mapping[str, Any], name: str) -> dict[str, str]:
 
 
 # RFC 7230 token characters: what a header name may consist of.
-HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
+HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}\Z")
 # Framing and routing headers the branch caller writes itself; a second copy from a
 # client would let it split or redirect the request (request smuggling).
 RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection",
@@ -249,7 +251,7 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
     return TransRequest(trans, req_extra)
 
 
-GRPC_METADATA_VALUE = re.compile(r"^[\x20-\x7e]*$")
+GRPC_METADATA_VALUE = re.compile(r"^[\x20-\x7e]*\Z")
 
 
 def _check_metadata(headers: Mapping[str, str]) -> None:
@@ -260,7 +262,7 @@ def _check_metadata(headers: Mapping[str, str]) -> None:
                              "branch_headers")
 
 
-BRANCH_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+BRANCH_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
 def parse_register(body: bytes | Mapping[str, Any]) -> RegisterRequest:
@@ -274,7 +276,7 @@ def parse_register(body: bytes | Mapping[str, Any]) -> RegisterRequest:
             raise BadRequest(f"{key} must be a string", key)
         out[key] = value
     check_gid(out.get("gid"))
-    if not BRANCH_ID.match(out.get("branch_id", "")):
+    if not BRANCH_ID.fullmatch(out.get("branch_id", "")):
         raise BadRequest("branch_id must be 1-64 letters, digits, '-' or '_'", "branch_id")
     if out.get("trans_type") not in ("tcc", "xa", "workflow"):
         raise BadRequest("trans_type must be tcc, xa or workflow", "trans_type")

@@ -46,7 +46,7 @@ ORIGIN_OP: Mapping[str, str] = {"cancel": "try", "compensate": "action", "rollba
 MSG_BRANCH, MSG_OP, MSG_BARRIER = "00", "msg", "01"
 ROLLBACK_REASON = "rollback"
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?\Z")
 
 Business = Callable[[Any], Awaitable[Any]]
 

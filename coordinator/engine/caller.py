@@ -85,6 +85,10 @@ class BranchCaller:
                 data=raw_body if body else None,
                 headers=headers,
                 timeout=timeout,
+                # A redirect is an answer (an error), never followed: following it could
+                # reach a host outside engine.allowed_branch_hosts, and count the other
+                # host's 200 as this branch's success. The http:// pool does the same.
+                allow_redirects=False,
             ) as resp:
                 text = await resp.text(errors="replace")
                 return classify(resp.status, text)
@@ -112,7 +116,8 @@ class BranchCaller:
         )
         try:
             async with self.session.post(
-                branch.url, data=orjson.dumps(request), headers=headers, timeout=timeout
+                branch.url, data=orjson.dumps(request), headers=headers, timeout=timeout,
+                allow_redirects=False,
             ) as resp:
                 text = await resp.text(errors="replace")
                 outcome = classify(resp.status, text)

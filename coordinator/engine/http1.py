@@ -48,7 +48,7 @@ class Target:
 # RFC 3986 pchar (and "/") besides the unreserved set quote() keeps; "%" keeps escapes.
 _PATH_SAFE = "/%:@!$&'()*+,;="
 _QUERY_SAFE = _PATH_SAFE + "?"
-_HOST = re.compile(r"^[0-9A-Za-z._:\-]+$")
+_HOST = re.compile(r"^[0-9A-Za-z._:\-]+\Z")
 # A header line ends at CR or LF; NUL and other controls have no place in one either.
 _HEADER_BREAK = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 

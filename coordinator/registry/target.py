@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 REGISTRY_SCHEMES = ("etcd", "discov")
 # A gRPC method path: /package.Service/Method (the package may be empty, as grpc allows).
-_METHOD = re.compile(r"^/[A-Za-z_][\w.]*/[A-Za-z_]\w*$")
-_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+_METHOD = re.compile(r"^/[A-Za-z_][\w.]*/[A-Za-z_]\w*\Z")
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})\Z")
 
 
 class TargetError(ValueError):

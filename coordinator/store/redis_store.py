@@ -19,7 +19,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from coordinator.errors import AlreadyExists, NotFound, StoreUnavailable, raise_for_reply
+from coordinator.errors import (
+    AlreadyExists,
+    NotFound,
+    PartitionMismatch,
+    StoreUnavailable,
+    raise_for_reply,
+)
 from coordinator.keys import KeySpace
 from coordinator.model import Branch, Status, Trans
 from coordinator.store.base import (
@@ -139,6 +145,21 @@ class RedisStore(Store):
         # On a cluster SCRIPT LOAD goes to every primary.
         for script in self.scripts.values():
             await self.client.script_load(script.script)
+        await self._check_partitions()
+
+    async def _check_partitions(self) -> None:
+        """The partition count is part of every key's name: a deployment restarted with
+        another count would look for its transactions under other keys and strand every
+        unfinished one. The first start records it; a later one must agree."""
+        key = self.keys.kv("partitions")
+        await self.client.set(key, self.partitions, nx=True)
+        recorded = int(await self.client.get(key) or self.partitions)
+        if recorded != self.partitions:
+            raise PartitionMismatch(
+                f"redis.partitions is {self.partitions}, but the transactions under key "
+                f"prefix '{self.keys.prefix}' were stored with {recorded}; set "
+                f"redis.partitions = {recorded} (it is fixed for the life of a deployment)"
+            )
 
     async def close(self) -> None:
         await self.client.aclose()
