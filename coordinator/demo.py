@@ -69,7 +69,7 @@ def main(settings: Settings) -> int:
 async def run_demo(settings: Settings) -> int:
     # Bound first: a busy port fails here, before the private redis-server is started.
     sockets = await prepare(settings)
-    terminated = _cancel_on_sigterm()
+    stopped_by = _cancel_on_signals()
     coordinator = web.AppRunner(create_app(settings), access_log=None)
     bank_runner: web.AppRunner | None = None
     bank = Bank()
@@ -91,8 +91,11 @@ async def run_demo(settings: Settings) -> int:
             for amount, expect in ((30, "succeed"), (60, "failed")):
                 ok &= await _transfer(http, api, bank_url, bank, amount, expect)
     except asyncio.CancelledError:
-        if not terminated.is_set():
+        if not stopped_by:
             raise
+        if stopped_by[0] == signal.SIGINT:
+            print("demo interrupted", file=sys.stderr)
+            return 130
         print("demo terminated", file=sys.stderr)
         return 143
     finally:
@@ -109,19 +112,26 @@ async def run_demo(settings: Settings) -> int:
     return 0 if ok else 1
 
 
-def _cancel_on_sigterm() -> asyncio.Event:
-    """Make SIGTERM cancel the demo like Ctrl-C does, so its cleanup runs."""
-    terminated = asyncio.Event()
+def _cancel_on_signals() -> list[int]:
+    """Make SIGTERM and Ctrl-C cancel the demo, so its cleanup runs in order.
+
+    Ctrl-C as a signal handler rather than KeyboardInterrupt: an interrupt raised at an
+    arbitrary point of start-up (inside the gRPC server's start, say) left that server
+    half-started and its shutdown failing with a traceback.
+    """
+    stopped_by: list[int] = []
     task = asyncio.current_task()
     assert task is not None
 
-    def on_term() -> None:
-        if not terminated.is_set():  # a second SIGTERM must not cut the cleanup short
-            terminated.set()
+    def on_signal(sig: int) -> None:
+        if not stopped_by:  # a second signal must not cut the cleanup short
+            stopped_by.append(sig)
             task.cancel()
 
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
-    return terminated
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return stopped_by
 
 
 async def _transfer(
