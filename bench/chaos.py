@@ -218,7 +218,7 @@ async def load(coords: list[Coordinator], participant: str, rate: float, duratio
 
 
 async def chaos(coords: list[Coordinator], redis: Redis, duration: float, every: float,
-                events: list[str]) -> None:
+                redis_down: float, events: list[str]) -> None:
     loop = asyncio.get_running_loop()
     start = time.monotonic()
     redis_done = False
@@ -233,7 +233,7 @@ async def chaos(coords: list[Coordinator], redis: Redis, duration: float, every:
             redis_done = True
             await loop.run_in_executor(None, redis.kill)
             events.append(f"{time.monotonic() - start:5.1f}s kill redis")
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(redis_down)
             await loop.run_in_executor(None, redis.start)
             events.append(f"{time.monotonic() - start:5.1f}s redis back")
         await asyncio.sleep(0.5)
@@ -280,7 +280,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         await asyncio.gather(
             load(coords, f"http://127.0.0.1:{pport}", args.rate, args.duration, tally),
-            chaos(coords, redis, args.duration, args.kill_every, events))
+            chaos(coords, redis, args.duration, args.kill_every, args.redis_down, events))
         for c in coords:  # every coordinator up for the settle phase
             if c.proc is None or c.proc.poll() is not None:
                 c.start()
@@ -337,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds accepted sagas get to finish after the load")
     p.add_argument("--error-rate", type=float, default=0.05,
                    help="share of participant calls answering HTTP 500")
+    p.add_argument("--redis-down", type=float, default=1.0,
+                   help="seconds Redis stays down after its kill")
     p.add_argument("--keep", action="store_true", help="keep the Redis data and logs")
     args = p.parse_args(argv)
     if args.duration > 600 or args.rate > 500:
