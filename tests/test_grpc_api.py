@@ -156,6 +156,20 @@ async def test_bad_input_is_invalid_argument(
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
 
 
+@pytest.mark.parametrize("method", ["NewGid", "Submit", "RegisterBranch", "DeleteTopic"])
+async def test_corrupt_message_is_invalid_argument(
+    grpc_coordinator: CoordinatorProcess, stub: pb_grpc.DtmStub, method: str
+) -> None:
+    # Bytes that are no protobuf at all (a field tag with wire type 7) are the caller's
+    # mistake: INVALID_ARGUMENT, as any other bad input, not grpcio's UNKNOWN.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_coordinator.grpc_port}") as ch:
+        raw = ch.unary_unary(f"/dtmgimp.Dtm/{method}")
+        code, details = await code_of(raw(b"\x8f\xff"))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    assert "not a valid" in details
+    assert (await stub.NewGid(empty_pb2.Empty())).Gid
+
+
 async def test_unknown_gid_is_not_found(stub: pb_grpc.DtmStub) -> None:
     code, _ = await code_of(stub.Abort(pb.DtmRequest(Gid=gid(), TransType="tcc")))
     assert code == grpc.StatusCode.NOT_FOUND

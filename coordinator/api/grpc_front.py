@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
 import orjson
 import redis.exceptions
 from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError
 
 from coordinator.api.auth import bearer_value, token_matches
 from coordinator.api.wire import check_gid, parse_register, parse_trans
@@ -211,6 +212,52 @@ class DtmServicer(pb_grpc.DtmServicer):
         return await self._answer(context, run, empty_pb2.Empty(), operator=True)
 
 
+class _Corrupt:
+    """What a request that is no valid protobuf decodes to, for the handler to refuse."""
+
+
+def _lenient(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def read(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except DecodeError:
+            return _Corrupt()
+
+    return read
+
+
+# A string: grpc's classes are generic only in its type stubs.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+class CorruptMessages(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """A request body that does not parse answers INVALID_ARGUMENT (bad input, like any
+    other), where grpcio itself would answer UNKNOWN from its deserializer's exception."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        # The servicer's coroutine method, typed by grpc's stubs as a plain function.
+        behaviour = cast(Callable[[Any, Any], Awaitable[Any]], handler.unary_unary)
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, _Corrupt):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "the request is not a valid protobuf message")
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked,
+            request_deserializer=_lenient(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+
 async def start_grpc(service: Service, settings: Settings) -> grpc.aio.Server:
     """The gRPC server on `server.host`:`server.grpc_port`, in the running event loop.
 
@@ -219,6 +266,7 @@ async def start_grpc(service: Service, settings: Settings) -> grpc.aio.Server:
     set reuse_port) share the port as they share the HTTP one.
     """
     server = grpc.aio.server(
+        interceptors=[CorruptMessages()],
         options=[("grpc.so_reuseport", 1 if settings.server.reuse_port else 0)]
     )
     pb_grpc.add_DtmServicer_to_server(DtmServicer(service, settings), server)
