@@ -57,11 +57,14 @@ class StatusConflict(TransactionFailure):
 class AlreadyExists(CoordinatorError):
     """A create found the gid taken; `status` is the existing transaction's."""
 
-    def __init__(self, gid: str, status: str, fingerprint: str = "") -> None:
+    def __init__(
+        self, gid: str, status: str, fingerprint: str = "", trans_type: str = ""
+    ) -> None:
         super().__init__(f"transaction {gid} already exists with status '{status}'")
         self.gid = gid
         self.status = status
         self.fingerprint = fingerprint  # of the stored content ("" if none was kept)
+        self.trans_type = trans_type  # of the stored transaction ("" if not known)
 
 
 class LeaseLost(CoordinatorError):

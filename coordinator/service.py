@@ -107,14 +107,13 @@ class Service:
             if exc.status != Status.PREPARED.value:
                 await self._resubmitted(trans, exc)
                 return
-            # A gid's type never changes, so this read cannot go stale: a saga submit
-            # must not move a prepared tcc on, nor a tcc submit a prepared workflow
-            # (whose client could then neither record its steps nor finish it).
-            stored = await self.store.load(trans.gid)
-            if stored is not None and stored.trans_type != trans.trans_type:
+            # A gid's type never changes, so the create script's word on it cannot go
+            # stale: a saga submit must not move a prepared tcc on, nor a tcc submit a
+            # prepared workflow (whose client could then neither record its steps nor
+            # finish it).
+            if exc.trans_type and exc.trans_type != trans.trans_type:
                 raise TransactionFailure(
-                    f"transaction {trans.gid} is a {stored.trans_type}, "
-                    f"not a {trans.trans_type}"
+                    f"transaction {trans.gid} is a {exc.trans_type}, not a {trans.trans_type}"
                 ) from None
             # A concurrent second submit may have moved it on already: still fine. The
             # submit's content is what a later resubmit is compared with (a tcc/xa

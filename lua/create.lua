@@ -14,7 +14,7 @@
 -- ARGV[5] = ms from now until the transaction is first due
 -- ARGV[6] = lease owner token, or "" to create it unowned
 -- ARGV[7] = lease length in ms (when ARGV[6] is set)
--- returns {"OK", now_ms} or {"EXISTS", current_status, stored fingerprint or ""}
+-- returns {"OK", now_ms} or {"EXISTS", current_status, stored fingerprint or "", trans_type}
 
 --!include lib_create.lua
 

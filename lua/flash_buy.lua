@@ -11,7 +11,7 @@
 -- ARGV[1..7] = as create.lua (gid, "submitted", fields, branches, due ms, owner, lease ms)
 -- ARGV[8] = units to buy
 -- ARGV[9] = seconds to keep the barrier record
--- returns {"OK", now_ms, stock_left}, {"SOLD_OUT", stock_left} or {"EXISTS", status, fingerprint}
+-- returns {"OK", now_ms, stock_left}, {"SOLD_OUT", stock_left} or {"EXISTS", status, fingerprint, trans_type}
 
 --!include lib_create.lua
 

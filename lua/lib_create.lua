@@ -4,11 +4,12 @@
 -- exactly the coordinator's format, atomically with its own change.
 
 local function create_transaction(K, A)
-  local existing = redis.call('HMGET', K[1], 'status', 'fingerprint')
+  local existing = redis.call('HMGET', K[1], 'status', 'fingerprint', 'trans_type')
   if existing[1] then
     -- The stored content's fingerprint lets the caller tell a repeated request from a
-    -- gid reused for other content.
-    return {'EXISTS', existing[1], existing[2] or ''}
+    -- gid reused for other content; its type, a submit of another type from one that
+    -- may move a prepared transaction on.
+    return {'EXISTS', existing[1], existing[2] or '', existing[3] or ''}
   end
 
   local t = redis.call('TIME')

@@ -197,7 +197,7 @@ class RedisStore(Store):
         started = time.perf_counter()
         reply = await self._batch.call(self.scripts["create"], keys, args)
         if reply[0] == "EXISTS":
-            raise AlreadyExists(trans.gid, reply[1], reply[2] if len(reply) > 2 else "")
+            raise AlreadyExists(trans.gid, *reply[1:4])
         self.observer.script("create", time.perf_counter() - started)
         raise_for_reply(reply[0], trans.gid, reply[1], "create")
         return int(reply[1])
