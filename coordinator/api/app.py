@@ -41,6 +41,7 @@ from coordinator.registry.etcd import EtcdTls
 from coordinator.registry.publisher import Publisher
 from coordinator.registry.resolver import Resolvers
 from coordinator.settings import Settings
+from coordinator.startup import redact
 from coordinator.store.connect import log_topology, open_store
 from coordinator.urls import UrlPolicy
 
@@ -121,7 +122,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             grpc_server = await start_grpc(app[SERVICE], settings)
             log.info("gRPC API dtmgimp.Dtm on %s:%d",
                      settings.server.host, settings.server.grpc_port)
-        log.info("coordinator %s ready, store %s", engine.instance, _safe_url(url))
+        log.info("coordinator %s ready, store %s", engine.instance, redact(url))
         if registry.target:
             # In the background: etcd being down must not keep the coordinator from serving.
             publisher = Publisher(registry.target, settings.advertised_endpoint(), tls)
@@ -153,11 +154,3 @@ async def _begin_stop(app: web.Application) -> None:
     """Let wait_result requests answer now, so the shutdown keeps to the grace period."""
     if ENGINE in app:
         app[ENGINE].begin_stop()
-
-
-def _safe_url(url: str) -> str:
-    """The store URL without a password, for logs."""
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
