@@ -136,7 +136,7 @@ def _http_target(url: str, field: str) -> list[HostPort]:
         raise BadRequest(f"{field}: the URL's port is not a number 1-65535", field) from None
     if not parts.hostname:
         raise BadRequest(f"{field}: the URL has no host", field)
-    if not _HOST.match(parts.hostname):
+    if not HOST_NAME.match(parts.hostname):
         raise BadRequest(
             f"{field}: the host must be ASCII letters, digits, '.', '-' (IDNA-encode "
             "names) or an IP address", field,
@@ -158,7 +158,9 @@ def _grpc_target(url: str, field: str) -> list[HostPort]:
     return [HostPort(host, port or 0) for host, port in found]
 
 
-_HOST = re.compile(r"^[0-9A-Za-z._:\-]+\Z")  # names, IPv4, IPv6 (brackets removed)
+# Host names (ASCII: IDNA-encoded), IPv4 and IPv6 (brackets removed); the lean HTTP/1.1
+# client checks the same before it writes a Host header.
+HOST_NAME = re.compile(r"^[0-9A-Za-z._:\-]+\Z")
 
 
 # protocol → rule returning the hosts a URL makes the coordinator connect to, each

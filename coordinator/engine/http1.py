@@ -16,6 +16,8 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 
+from coordinator.urls import HOST_NAME
+
 MAX_HEAD = 64 * 1024
 MAX_BODY = 8 << 20
 
@@ -35,7 +37,7 @@ class Target:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"not a plain http URL: {url!r}")
-        if not _HOST.match(parts.hostname):
+        if not HOST_NAME.match(parts.hostname):
             raise ValueError(f"not a valid host name: {parts.hostname!r}")
         # Only URL characters go onto the request line: spaces, non-ASCII and the like
         # are percent-encoded (UTF-8), escapes already present are kept as they are.
@@ -48,7 +50,6 @@ class Target:
 # RFC 3986 pchar (and "/") besides the unreserved set quote() keeps; "%" keeps escapes.
 _PATH_SAFE = "/%:@!$&'()*+,;="
 _QUERY_SAFE = _PATH_SAFE + "?"
-_HOST = re.compile(r"^[0-9A-Za-z._:\-]+\Z")
 # A header line ends at CR or LF; NUL and other controls have no place in one either.
 _HEADER_BREAK = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
