@@ -41,6 +41,7 @@ from coordinator.client.http import BranchReply, DtmClient
 from coordinator.client.registry import resolve_target
 from coordinator.dtmgpb import dtmgimp_pb2 as pb
 from coordinator.dtmgpb import dtmgimp_pb2_grpc as pb_grpc
+from coordinator.registry.target import TargetError, split_server_method
 
 Resolver = Callable[[str], Awaitable[list[str]]]
 
@@ -52,18 +53,14 @@ _BRANCH_KEYS = frozenset({"gid", "trans_type", "branch_id", "data"})
 def split_grpc_url(url: str) -> tuple[str, str]:
     """``host:port/pkg.Service/Method`` → (``host:port``, ``/pkg.Service/Method``);
     for ``etcd://h:2379/key/pkg.Service/Method`` the server keeps scheme, hosts and the
-    key's first segment, as dtmdriver-gozero's ParseServerMethod does."""
-    if "://" in url:
-        scheme, _, rest = url.partition("://")
-        hosts, _, rest = rest.partition("/")
-        key, _, path = rest.partition("/")
-        server = f"{scheme}://{hosts}/{key}" if hosts and key else ""
-    else:
-        server, _, path = url.partition("/")
-    parts = path.split("/")
-    if not server or len(parts) != 2 or not all(parts):
-        raise ValueError(f"not a gRPC branch URL host:port/pkg.Service/Method: {url!r}")
-    return server, "/" + path
+    key's first segment, as dtmdriver-gozero's ParseServerMethod does (the coordinator's
+    own reading of these URLs, so the SDK and the engine call the same servers)."""
+    try:
+        return split_server_method(url)
+    except TargetError as exc:
+        raise ValueError(
+            f"not a gRPC branch URL host:port/pkg.Service/Method: {url!r} ({exc})"
+        ) from None
 
 
 def trans_message(body: Mapping[str, Any]) -> pb.DtmRequest:
