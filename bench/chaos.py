@@ -42,14 +42,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.env import ROOT, free_port
+from bench.redis_server import RedisServer
+
 FINAL = {"succeed", "failed"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fails(gid: str) -> bool:
@@ -85,30 +81,6 @@ class Participant:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         return runner
-
-
-class Redis:
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.dir = data_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", "", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:
@@ -217,7 +189,7 @@ async def load(coords: list[Coordinator], participant: str, rate: float, duratio
             await asyncio.wait(tasks, timeout=30)
 
 
-async def chaos(coords: list[Coordinator], redis: Redis, duration: float, every: float,
+async def chaos(coords: list[Coordinator], redis: RedisServer, duration: float, every: float,
                 redis_down: float, events: list[str]) -> None:
     loop = asyncio.get_running_loop()
     start = time.monotonic()
@@ -265,7 +237,7 @@ async def final_states(coords: list[Coordinator], gids: list[str]) -> dict[str, 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="chaos-"))
-    redis = Redis(work)
+    redis = RedisServer(free_port(), work, fsync_always=True)
     redis.start()
     participant = Participant(args.error_rate)
     pport = free_port()
