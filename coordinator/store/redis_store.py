@@ -46,6 +46,7 @@ from coordinator.store.codec import (
     trans_fields,
     trans_from_hash,
 )
+from coordinator.store.packing import use_c_packing
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
 
 log = logging.getLogger("coordinator.store")
@@ -94,6 +95,7 @@ class RedisStore(Store):
         wait_timeout_ms: int = 1000,
         retry_for: float = 0.0,
     ) -> None:
+        use_c_packing(client)
         self.client = client
         self.cluster = isinstance(client, RedisCluster)
         self.keys = keys
