@@ -210,6 +210,17 @@ async def test_claim_drops_due_entries_of_missing_transactions(rstore: RedisStor
     assert await c.zscore(keys.due, gid) is None
 
 
+async def test_due_partitions_names_exactly_the_partitions_with_due_work(
+    rstore: RedisStore,
+) -> None:
+    # One script on a single Redis, one pipeline per node on a cluster: same answer.
+    assert await rstore.due_partitions() == []
+    await rstore.create(make_trans("{3}due-now"), due_in_ms=0)
+    await rstore.create(make_trans("{5}due-later"), due_in_ms=60_000)
+    await rstore.create(make_trans("{1}due-now-too"), due_in_ms=0)
+    assert await rstore.due_partitions() == [1, 3]
+
+
 async def test_claim_skips_a_live_lease_even_when_its_entry_is_due(rstore: RedisStore) -> None:
     # An entry can be brought forward while a worker holds the lease (resetCronTime
     # does that); claiming must not hand the transaction to a second worker.

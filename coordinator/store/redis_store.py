@@ -101,6 +101,7 @@ class RedisStore(Store):
         self.keys = keys
         self.partitions = keys.partitions
         self.lease_ms = lease_ms
+        self._due_keys = [keys.due(p) for p in range(self.partitions)]
         self.finished_ttl_s = finished_ttl_s
         # register_script only computes the SHA; start() loads them so that the first
         # call of each is already an EVALSHA hit. AsyncScript reloads on NOSCRIPT.
@@ -256,6 +257,11 @@ class RedisStore(Store):
     async def due_partitions(self) -> builtins.list[int]:
         """Partitions with due work, all asked in one round (one pipeline per node)."""
         now = _now_ms()
+        if not self.cluster:
+            # One script call: a pipeline of one command per partition costs the
+            # coordinator milliseconds of CPU per look, several looks a second.
+            found = await self.scripts["due"](keys=self._due_keys, args=[now])
+            return [int(p) for p in found]
         async with self.client.pipeline(transaction=False) as pipe:
             for p in range(self.partitions):
                 pipe.zrangebyscore(self.keys.due(p), "-inf", now, start=0, num=1)

@@ -29,4 +29,5 @@ def script_text(name: str) -> str:
 
 SCRIPT_NAMES = (
     "create", "transition", "claim", "load", "sweep", "register", "reset_due", "topic",
+    "due",
 )
