@@ -53,7 +53,7 @@ class Processes:
 
     async def spawn(
         self, name: str, *args: str, env: dict[str, str] | None = None, root: Path = ROOT
-    ) -> None:
+    ) -> int:
         """Start a child in `root` (another checkout runs another version's code)."""
         full_env = dict(os.environ)
         full_env.update(env or {})
@@ -65,6 +65,7 @@ class Processes:
         )
         log.close()
         self.children.append(proc)
+        return proc.pid
 
     def log_tail(self, lines: int = 20) -> str:
         out = []
@@ -111,6 +112,7 @@ class BenchEnv:
         self._embedded: EmbeddedRedis | None = None
         self._data_dir = Path()
         self.redis: aioredis.Redis | RedisCluster | None = None
+        self.coordinator_pid = 0
 
     @property
     def api(self) -> str:
@@ -137,7 +139,7 @@ class BenchEnv:
         else:
             self.redis = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
             await self.redis.flushdb()
-        await self.procs.spawn(
+        self.coordinator_pid = await self.procs.spawn(
             "coordinator", sys.executable, "-m", "coordinator", "serve",
             "--workers", str(self.workers), "--port", str(self.port),
             "--redis-url", self.redis_url, "--log-level", "WARNING", env=env, root=self.root,
@@ -173,15 +175,19 @@ async def redis_counters(client: aioredis.Redis | RedisCluster) -> dict[str, int
         for node in client.get_primaries():
             stats = await client.info("stats", target_nodes=node)
             commands = await client.info("commandstats", target_nodes=node)
-            one = _counters(stats, commands)
+            cpu = await client.info("cpu", target_nodes=node)
+            one = _counters(stats, commands, cpu)
             total[f"script_usec@{node.name}"] = one["script_usec"]
             for key, value in one.items():
                 total[key] = total.get(key, 0) + value
         return total
-    return _counters(await client.info("stats"), await client.info("commandstats"))
+    return _counters(await client.info("stats"), await client.info("commandstats"),
+                     await client.info("cpu"))
 
 
-def _counters(stats: dict[str, Any], commands: dict[str, Any]) -> dict[str, int]:
+def _counters(
+    stats: dict[str, Any], commands: dict[str, Any], cpu: dict[str, Any]
+) -> dict[str, int]:
     scripts = [v for k, v in commands.items()
                if k in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro",
                         "cmdstat_eval_ro")]
@@ -198,6 +204,9 @@ def _counters(stats: dict[str, Any], commands: dict[str, Any]) -> dict[str, int]
         # work costs the server itself, so about 1e6 / this per tx is its ceiling on one core.
         "script_usec": sum(int(v.get("usec", 0)) for v in scripts),
         "commands": int(stats["total_commands_processed"]),
+        # Redis's own CPU time (all its work, AOF included), unaffected by waiting for a
+        # core as the per-script wall times are.
+        "cpu_usec": int((float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])) * 1e6),
         "bytes": int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"]),
     }
 

@@ -145,6 +145,7 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
         "redis_commands_per_tx": round((after["commands"] - before["commands"]) / n, 2),
         "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
         "redis_usec_per_tx": round((after["script_usec"] - before["script_usec"]) / n, 1),
+        "redis_cpu_us_per_tx": round((after["cpu_usec"] - before["cpu_usec"]) / n, 1),
         **lag_figures(lag, measured_start),
         "timeline": with_lag(timeline(recorder, measured_start, int(opts.duration)), lag,
                              measured_start),

@@ -35,6 +35,56 @@ class CpuMeter:
         return (self._cpu() - self.cpu) / (wall * (os.cpu_count() or 1)) if wall else 0.0
 
 
+def tree_cpu_seconds(root_pid: int) -> float:
+    """User + system CPU seconds used so far by a process and its live descendants.
+
+    Read from /proc (Linux): the coordinator's supervisor and its `--workers` children.
+    A figure per transaction from it does not depend on how busy the rest of the machine
+    is, unlike throughput, so revisions compare fairly on a shared machine.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # The command name (field 2) may hold spaces: split after its closing paren.
+        fields = raw[raw.rindex(b")") + 2:].split()
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        times[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total, stack = 0.0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        total += times.get(pid, 0.0)
+        stack.extend(child for child, parent in parents.items() if parent == pid)
+    return total
+
+
+class CoordinatorCpu:
+    """CPU seconds the coordinator's processes use from `after` seconds on (the end of
+    the warm-up, which the Python generator runs inside the same call) until `used()`."""
+
+    def __init__(self, pid: int, after: float) -> None:
+        self.pid = pid
+        self._start: float | None = None
+        self._timer = asyncio.get_running_loop().call_later(after, self._mark)
+
+    def _mark(self) -> None:
+        self._start = tree_cpu_seconds(self.pid)
+
+    def used(self) -> float:
+        self._timer.cancel()
+        if self._start is None:
+            return 0.0
+        return tree_cpu_seconds(self.pid) - self._start
+
+
 class LoopLag:
     """Reads the coordinator's loop-lag gauge (the longest stall of the last second, the
     largest over the workers) once a second while a run goes on.

@@ -17,7 +17,14 @@ from redis.asyncio.cluster import RedisCluster
 
 from bench.env import ROOT, BenchEnv, free_port, redis_counters
 from bench.grpc_load import run_grpc_saga_load
-from bench.health import CpuMeter, LoopLag, lag_figures, with_lag
+from bench.health import (
+    CoordinatorCpu,
+    CpuMeter,
+    LoopLag,
+    lag_figures,
+    tree_cpu_seconds,
+    with_lag,
+)
 from bench.loadgen import LoadResult, RequestFactory, run_load
 from bench.progress import show_progress
 from bench.stats import Recorder, summarize, timeline
@@ -79,6 +86,7 @@ async def measure(
     lags = LoopLag(env.port)
     start = time.perf_counter()
     cpu = CpuMeter()
+    coordinator_cpu = CoordinatorCpu(env.coordinator_pid, opts.warmup)
     result: LoadResult
     if opts.protocol == "grpc":
         result = await run_grpc_saga_load(
@@ -91,6 +99,7 @@ async def measure(
             duration=opts.duration, warmup=opts.warmup, recorder=recorder,
         )
     cpu_share = cpu.share()
+    coordinator_s = coordinator_cpu.used()
     await snap
     after = await redis_counters(env.redis)
     lag = await lags.stop()
@@ -110,6 +119,7 @@ async def measure(
         "errors": result.errors,
         "error_samples": result.error_samples,
         "loadgen_cpu_share": round(cpu_share, 3),
+        "coordinator_cpu_us_per_tx": round(coordinator_s * 1e6 / max(s.count, 1), 1),
         **redis_cost(before, after, s.count),
         **lag_figures(lag, start + opts.warmup),
         "timeline": with_lag(timeline(recorder, start + opts.warmup, int(opts.duration)),
@@ -125,6 +135,7 @@ def redis_cost(before: dict[str, int], after: dict[str, int], count: int) -> dic
         "redis_commands_per_tx": round((after["commands"] - before["commands"]) / n, 2),
         "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
         "redis_usec_per_tx": round((after["script_usec"] - before["script_usec"]) / n, 1),
+        "redis_cpu_us_per_tx": round((after["cpu_usec"] - before["cpu_usec"]) / n, 1),
         # On a cluster: the same per primary (its share of the partitions' work).
         "redis_usec_per_tx_by_node": {
             key.split("@", 1)[1]: round((value - before.get(key, 0)) / n, 1)
@@ -154,8 +165,10 @@ async def measure_wrk(
     before = await redis_counters(env.redis)
     lags = LoopLag(env.port)
     start = time.perf_counter()
+    cpu_before = tree_cpu_seconds(env.coordinator_pid)
     w = await run_wrk(url, head, tail, concurrency=opts.concurrency, duration=opts.duration,
                       warmup=0)
+    coordinator_s = tree_cpu_seconds(env.coordinator_pid) - cpu_before
     after = await redis_counters(env.redis)
     lag = await lags.stop()
     first = min(w.per_second, default=0)
@@ -176,6 +189,7 @@ async def measure_wrk(
         "error_samples": w.error_samples,
         "status_codes": w.statuses,
         "loadgen_cpu_share": round(w.cpu_share, 3),
+        "coordinator_cpu_us_per_tx": round(coordinator_s * 1e6 / max(w.ok, 1), 1),
         **redis_cost(before, after, w.ok),
         **lag_figures(lag, start),
         "timeline": with_lag(points, lag_wall, 0.0),
