@@ -58,6 +58,9 @@ class ServerSettings:
     body_timeout: float = 30.0
     # Open client connections per process; more are closed at once.
     max_connections: int = 1024
+    # Answer plain JSON POSTs of the transaction routes without aiohttp's request and
+    # response objects (api/fast.py); everything else is aiohttp's either way.
+    fast_http: bool = True
 
 
 @dataclass(frozen=True)

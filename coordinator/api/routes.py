@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+from collections.abc import Awaitable, Callable
 
+import orjson
 from aiohttp import web
 
-from coordinator.api.auth import require_token
-from coordinator.api.envelope import Handler, json_response, success
+from coordinator.api.auth import bearer_of, token_matches
+from coordinator.api.envelope import SUCCESS_BODY, Handler, json_response, success
 from coordinator.api.render import page_json, query_json, raw_trans_json, workflow_json
 from coordinator.api.wire import check_gid, parse_gid_request, parse_register, parse_trans
 from coordinator.engine.engine import Engine
-from coordinator.errors import BadRequest
+from coordinator.errors import BadRequest, Unauthorized
 from coordinator.model import Status
 from coordinator.service import Service, new_gid
-from coordinator.settings import Settings
+from coordinator.settings import ServerSettings, Settings
 from coordinator.store.base import ListFilter, Store
 from coordinator.store.codec import CorruptRecord
 
@@ -62,39 +64,55 @@ async def handle_openapi(request: web.Request) -> web.Response:
     return web.Response(body=_openapi(), content_type="application/json")
 
 
-async def handle_prepare(request: web.Request) -> web.Response:
-    await request.app[SERVICE].prepare(parse_trans(await request.read(), Status.PREPARED))
-    return success()
+# The routes whose whole input is the JSON body: each is a function of the service and
+# the body, returning the JSON of a 200. The aiohttp route and the fast HTTP/1.1 path
+# (fast.py) both call it, so the two cannot answer differently.
+BodyHandler = Callable[[Service, bytes], Awaitable[bytes]]
 
 
-async def handle_submit(request: web.Request) -> web.Response:
-    await request.app[SERVICE].submit(parse_trans(await request.read(), Status.SUBMITTED))
-    return success()
+async def prepare_body(service: Service, body: bytes) -> bytes:
+    await service.prepare(parse_trans(body, Status.PREPARED))
+    return SUCCESS_BODY
 
 
-async def handle_abort(request: web.Request) -> web.Response:
-    await request.app[SERVICE].abort(parse_gid_request(await request.read()))
-    return success()
+async def submit_body(service: Service, body: bytes) -> bytes:
+    await service.submit(parse_trans(body, Status.SUBMITTED))
+    return SUCCESS_BODY
 
 
-async def handle_force_stop(request: web.Request) -> web.Response:
-    await request.app[SERVICE].force_stop(parse_gid_request(await request.read()))
-    return success()
+async def abort_body(service: Service, body: bytes) -> bytes:
+    await service.abort(parse_gid_request(body))
+    return SUCCESS_BODY
 
 
-async def handle_reset_next_cron_time(request: web.Request) -> web.Response:
-    await request.app[SERVICE].reset_next_cron_time(parse_gid_request(await request.read()))
-    return success()
+async def force_stop_body(service: Service, body: bytes) -> bytes:
+    await service.force_stop(parse_gid_request(body))
+    return SUCCESS_BODY
 
 
-async def handle_register_branch(request: web.Request) -> web.Response:
-    await request.app[SERVICE].register_branch(parse_register(await request.read()))
-    return success()
+async def reset_next_cron_time_body(service: Service, body: bytes) -> bytes:
+    await service.reset_next_cron_time(parse_gid_request(body))
+    return SUCCESS_BODY
 
 
-async def handle_prepare_workflow(request: web.Request) -> web.Response:
-    req = parse_trans(await request.read(), Status.PREPARED)
-    return json_response(workflow_json(await request.app[SERVICE].prepare_workflow(req)))
+async def register_branch_body(service: Service, body: bytes) -> bytes:
+    await service.register_branch(parse_register(body))
+    return SUCCESS_BODY
+
+
+async def prepare_workflow_body(service: Service, body: bytes) -> bytes:
+    req = parse_trans(body, Status.PREPARED)
+    return orjson.dumps(workflow_json(await service.prepare_workflow(req)))
+
+
+def from_body(handler: BodyHandler) -> Handler:
+    """The aiohttp handler of a body route."""
+
+    async def handle(request: web.Request) -> web.Response:
+        payload = await handler(request.app[SERVICE], await request.read())
+        return web.Response(body=payload, content_type="application/json")
+
+    return handle
 
 
 async def handle_query(request: web.Request) -> web.Response:
@@ -162,19 +180,24 @@ async def handle_query_kv(request: web.Request) -> web.Response:
 # only with the token once server.api_token is set.
 OPEN, TRANSACTION, OPERATOR = "open", "transaction", "operator"
 
+BODY_ROUTES: dict[str, tuple[BodyHandler, str]] = {
+    f"{PREFIX}/prepare": (prepare_body, TRANSACTION),
+    f"{PREFIX}/submit": (submit_body, TRANSACTION),
+    f"{PREFIX}/abort": (abort_body, TRANSACTION),
+    f"{PREFIX}/forceStop": (force_stop_body, OPERATOR),
+    f"{PREFIX}/resetNextCronTime": (reset_next_cron_time_body, OPERATOR),
+    **{f"{PREFIX}/{name}": (register_branch_body, TRANSACTION)
+       for name in ("registerBranch", "registerTccBranch", "registerXaBranch")},
+    f"{PREFIX}/prepareWorkflow": (prepare_workflow_body, TRANSACTION),
+}
+
 ROUTES: list[tuple[str, str, Handler, str]] = [
     ("GET", "/api/ping", handle_ping, OPEN),
     ("GET", "/api/openapi.json", handle_openapi, OPEN),
     ("GET", f"{PREFIX}/version", handle_version, OPEN),
     ("GET", f"{PREFIX}/newGid", handle_new_gid, TRANSACTION),
-    ("POST", f"{PREFIX}/prepare", handle_prepare, TRANSACTION),
-    ("POST", f"{PREFIX}/submit", handle_submit, TRANSACTION),
-    ("POST", f"{PREFIX}/abort", handle_abort, TRANSACTION),
-    ("POST", f"{PREFIX}/forceStop", handle_force_stop, OPERATOR),
-    ("POST", f"{PREFIX}/resetNextCronTime", handle_reset_next_cron_time, OPERATOR),
-    *[("POST", f"{PREFIX}/{name}", handle_register_branch, TRANSACTION)
-      for name in ("registerBranch", "registerTccBranch", "registerXaBranch")],
-    ("POST", f"{PREFIX}/prepareWorkflow", handle_prepare_workflow, TRANSACTION),
+    *[("POST", path, from_body(handler), access)
+      for path, (handler, access) in BODY_ROUTES.items()],
     ("GET", f"{PREFIX}/query", handle_query, TRANSACTION),
     ("GET", f"{PREFIX}/all", handle_all, OPERATOR),
     ("GET", f"{PREFIX}/resetCronTime", handle_reset_cron_time, OPERATOR),
@@ -186,15 +209,22 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
 ]
 
 
+def check_access(server: ServerSettings, access: str, token: str) -> None:
+    """Raise `Unauthorized` unless `token` may call a route of this access class."""
+    protected = access == OPERATOR or (
+        access == TRANSACTION and server.protect_transaction_routes
+    )
+    if protected and not token_matches(server.api_token, token):
+        raise Unauthorized("this route needs Authorization: Bearer <server.api_token>")
+
+
 def guarded(handler: Handler, access: str) -> Handler:
     """The handler behind the token check its access class asks for."""
     if access == OPEN:
         return handler
 
     async def check_then_handle(request: web.Request) -> web.StreamResponse:
-        server = request.app[SETTINGS].server
-        if access == OPERATOR or server.protect_transaction_routes:
-            require_token(request, server.api_token)
+        check_access(request.app[SETTINGS].server, access, bearer_of(request))
         return await handler(request)
 
     return check_then_handle

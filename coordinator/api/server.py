@@ -26,7 +26,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from coordinator.api.envelope import Handler, json_response
+from coordinator.api.fast import FastFront, FrontConnection
 from coordinator.api.routes import SETTINGS
+from coordinator.ops.wiring import METRICS
 
 log = logging.getLogger("coordinator.api")
 
@@ -88,46 +90,20 @@ class MalformedRequestFilter(logging.Filter):
         return True
 
 
-class _Counted(asyncio.Protocol):
-    """Passes every event to aiohttp's protocol and keeps the open-connection count."""
-
-    def __init__(self, cap: ConnectionCap, inner: asyncio.Protocol | None) -> None:
-        self.cap = cap
-        self.inner = inner  # None: over the cap, closed on arrival
+class _Refused(asyncio.Protocol):
+    """A connection over server.max_connections: closed on arrival."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.inner is None:
-            transport.close()
-            return
-        self.cap.open += 1
-        self.inner.connection_made(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.inner is not None:
-            self.cap.open -= 1
-            self.inner.connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self.inner is not None:
-            self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.inner is not None else None
-
-    def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.resume_writing()
+        transport.close()
 
 
 class ConnectionCap:
-    """A protocol factory around aiohttp's that admits at most `limit` connections."""
+    """A protocol factory around aiohttp's that admits at most `limit` connections,
+    each starting on the fast path of `front` (see fast.py)."""
 
-    def __init__(self, factory: Any, limit: int) -> None:
+    def __init__(self, factory: Any, limit: int, front: FastFront | None = None) -> None:
         self.factory = factory
+        self.front = front
         self.limit = limit
         self.open = 0
         self.refused = 0
@@ -140,8 +116,8 @@ class ConnectionCap:
             if self.refused == 1 or self.refused % 1000 == 0:
                 log.warning("server.max_connections (%d) reached; closed %d connection(s)",
                             self.limit, self.refused)
-            return _Counted(self, None)
-        return _Counted(self, self.factory())
+            return _Refused()
+        return FrontConnection(self, self.front, self.factory)
 
 
 async def serve_app(
@@ -161,6 +137,11 @@ async def serve_app(
     # Handlers first: a SIGTERM while Redis is being connected must still be a graceful
     # stop, not the default action (web.run_app installs them this early too).
     logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
+    # Added before the app starts (its signals freeze then), after the engine's own
+    # shutdown hook, so that waiting submits are told ONGOING before the drain waits.
+    front = FastFront(app, server, grace=settings.engine.shutdown_grace,
+                      metrics=app.get(METRICS))
+    app.on_shutdown.append(front.drain)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -168,7 +149,7 @@ async def serve_app(
     listeners: list[asyncio.AbstractServer] = []
     try:
         await runner.setup()
-        cap = ConnectionCap(runner.server, server.max_connections)
+        cap = ConnectionCap(runner.server, server.max_connections, front)
         for sock in sockets:
             listeners.append(await loop.create_server(cap, sock=sock, backlog=1024))
         on_ready()

@@ -87,7 +87,7 @@ def use_c_packing(client: Any) -> None:
         kwargs = client.connection_kwargs
         kwargs["connection_class"] = faster(kwargs.get("connection_class", Connection))
         for node in client.nodes_manager.startup_nodes.values():
-            node.connection_class = faster(node.connection_class)
+            node.connection_class = faster(node.connection_class)  # type: ignore[assignment]
         return
     pool = client.connection_pool
     pool.connection_class = faster(pool.connection_class)
