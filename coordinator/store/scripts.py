@@ -3,6 +3,10 @@
 A line ``--!include <file>.lua`` is replaced by that file's text, so that scripts can
 share a function (the transaction-creating code of create.lua is also used by the
 flash sale's buy script) while each still runs as one atomic EVALSHA.
+
+The batch script is generated here from the others: each script's text becomes a Lua
+function, and a dispatcher runs several calls of them in one EVALSHA (store/batch.py
+decides which calls may share one).
 """
 
 from __future__ import annotations
@@ -88,9 +92,11 @@ return replies
 
 
 def batchable(name: str) -> bool:
-    """Whether a script can run inside the batch script: a shebang line (script flags)
-    only means something at the start of a script of its own."""
-    return not script_text(name).startswith("#!")
+    """Whether a script can run inside the batch script. A shebang line (script flags)
+    only means something at the start of a script of its own, and the reply protocol
+    and replication mode a script sets would last into the calls after it."""
+    text = script_text(name)
+    return not text.startswith("#!") and "setresp" not in text and "set_repl" not in text
 
 
 def batch_script_text(names: tuple[str, ...]) -> str:
