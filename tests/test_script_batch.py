@@ -247,3 +247,32 @@ async def test_cluster_combines_only_calls_of_one_slot(
             await node_client.aclose()
     finally:
         await store.close()
+
+
+async def test_a_call_with_thousands_of_keys_gets_its_own_slice(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """Past 4000 keys the batch script copies a call's slice in a loop, not by unpack
+    (bounded by the Lua stack): a claim of 2,103 candidates after another call."""
+    shared, _ = stores
+    shared._batch.always_share = True
+    p = 1
+    due = [in_partition(shared, p, f"due-{i}") for i in range(3)]
+    for gid in due:
+        await shared.create(make_trans(gid), due_in_ms=0)
+    gids = [in_partition(shared, p, f"absent-{i}") for i in range(2100)] + due
+    tp, bp = shared.keys.trans_prefix(p), shared.keys.branches_prefix(p)
+    keys = [shared.keys.due(p)]
+    for gid in gids:
+        keys += [tp + gid, bp + gid]
+    assert len(keys) > 4000
+    loaded, claimed = await asyncio.gather(
+        shared._batch.call(shared.scripts["load"], shared.keys.for_gid(due[0]).as_list()[:2], []),
+        shared._batch.call(shared.scripts["claim"], keys, ["w", 60_000, *gids]),
+    )
+    assert loaded[0]
+    assert [(c[0], c[1]) for c in claimed[1:]] == [
+        (gid, f"w:{2101 + i}") for i, gid in enumerate(due)
+    ]
+    assert all(dict(zip(c[2][::2], c[2][1::2], strict=True))["gid"] == c[0]
+               for c in claimed[1:])

@@ -58,19 +58,25 @@ local shim = setmetatable({
   end,
 }, {__index = real})
 
+-- unpack copies in C, about twice as fast as a loop; it is bounded by the Lua stack.
+local function slice(list, after, count)
+  if count <= 4000 then
+    return {unpack(list, after + 1, after + count)}
+  end
+  local out = {}
+  for j = 1, count do
+    out[j] = list[after + j]
+  end
+  return out
+end
+
 local n = tonumber(ARGV[1])
 local replies = {}
 local key_at, arg_at = 0, 1 + 3 * n
 for i = 1, n do
   local run = RUN[tonumber(ARGV[3 * i - 1])]
   local key_count, arg_count = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
-  local keys, args = {}, {}
-  for j = 1, key_count do
-    keys[j] = KEYS[key_at + j]
-  end
-  for j = 1, arg_count do
-    args[j] = ARGV[arg_at + j]
-  end
+  local keys, args = slice(KEYS, key_at, key_count), slice(ARGV, arg_at, arg_count)
   key_at, arg_at = key_at + key_count, arg_at + arg_count
   -- One call's error must not take the replies of the calls before and after it.
   local ok, reply = pcall(run, keys, args, shim)
