@@ -13,14 +13,17 @@ once per batch. On one Redis every call of a batch shares it: each script touche
 the keys it declares, so running them in one script changes nothing but the cost, and
 each is still its own compare-and-set (an error in one fails that call alone). On a
 cluster only calls whose keys are in one hash slot can share it, so the calls are grouped
-by slot. A call alone in its group is sent as its own script.
+by slot. A call alone in its group is sent as its own script. A call that fails inside
+the batch script fails with the exception it would raise alone (a Lua error's message
+then names a line of the batch script).
 
 On Redis Cluster the same pipeline is split by redis-py into one pipeline per node, sent
 in parallel; MOVED and ASK replies are followed there. What redis-py leaves to us:
 
 - ``NOSCRIPT``: a promoted replica or a node that took over a slot has never seen our
   scripts (SCRIPT LOAD is not replicated). The script did not run, so it is loaded on
-  every primary and the call is made again.
+  every primary and the call is made again. The calls of a batch script that found
+  NOSCRIPT are made again alone, and the batch script is loaded for the next batches.
 - A failover in progress (``CLUSTERDOWN``, ``TRYAGAIN``, a dead primary's connection
   errors): the call is retried with back-off for ``retry_for`` seconds, with the slot
   map refreshed, and only then reported as `StoreUnavailable` (HTTP 503).
