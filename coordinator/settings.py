@@ -74,6 +74,8 @@ class RedisSettings:
     partitions: int = 63
     # Send script calls of concurrent transactions together (one round trip per batch).
     pipeline: bool = True
+    # Run the script calls of one batch (one slot on a cluster) as one script call.
+    batch_scripts: bool = True
     # Redis Cluster: "auto" (ask the server), "true" or "false".
     cluster: str = "auto"
     # More cluster seeds, "host:port,host:port" (redis.url may list several hosts too).

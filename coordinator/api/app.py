@@ -88,6 +88,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         lease_ms=int(settings.engine.lease_seconds * 1000),
         finished_ttl_s=settings.engine.finished_ttl,
         batch=settings.redis.pipeline,
+        batch_scripts=settings.redis.batch_scripts,
     )
     session: aiohttp.ClientSession | None = None
     pool: Http1Pool | None = None

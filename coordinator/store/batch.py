@@ -6,12 +6,24 @@ pipeline (no MULTI: the scripts are independent), which saves a round trip, a so
 write and a read per call. A few batches may be in flight at once, each on its own
 connection, so a slow batch does not hold the next one back.
 
+Calls that may share one script execution go further: they are sent as ONE ``EVALSHA``
+of the batch script (scripts.py), which runs each of them in turn, so the fixed cost of
+a script call (the command, the script lookup, the reply, the script's ``TIME``) is paid
+once per batch. On one Redis every call of a batch shares it: each script touches only
+the keys it declares, so running them in one script changes nothing but the cost, and
+each is still its own compare-and-set (an error in one fails that call alone). On a
+cluster only calls whose keys are in one hash slot can share it, so the calls are grouped
+by slot. A call alone in its group is sent as its own script. A call that fails inside
+the batch script fails with the exception it would raise alone (a Lua error's message
+then names a line of the batch script).
+
 On Redis Cluster the same pipeline is split by redis-py into one pipeline per node, sent
 in parallel; MOVED and ASK replies are followed there. What redis-py leaves to us:
 
 - ``NOSCRIPT``: a promoted replica or a node that took over a slot has never seen our
   scripts (SCRIPT LOAD is not replicated). The script did not run, so it is loaded on
-  every primary and the call is made again.
+  every primary and the call is made again. The calls of a batch script that found
+  NOSCRIPT are made again alone, and the batch script is loaded for the next batches.
 - A failover in progress (``CLUSTERDOWN``, ``TRYAGAIN``, a dead primary's connection
   errors): the call is retried with back-off for ``retry_for`` seconds, with the slot
   map refreshed, and only then reported as `StoreUnavailable` (HTTP 503).
@@ -28,10 +40,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis._parsers.base import BaseParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
@@ -48,6 +61,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coordinator.errors import StoreUnavailable
+from coordinator.store.scripts import BATCH_ERROR
 
 # (script, keys, args, writes, future); writes: 0 reads, 1 engine write, 2 acknowledged
 Call = tuple[AsyncScript, Sequence[Any], Sequence[Any], int, "asyncio.Future[Any]"]
@@ -78,8 +92,11 @@ class ScriptBatcher:
     def __init__(
         self, client: aioredis.Redis | RedisCluster, *, max_batch: int = 256,
         max_in_flight: int = 4, wait_replicas: int = 0, wait_timeout_ms: int = 1000,
-        retry_for: float = 0.0,
+        retry_for: float = 0.0, batch_script: AsyncScript | None = None,
+        batch_index: Mapping[str, int] | None = None,
     ) -> None:
+        """`batch_script` runs the scripts `batch_index` numbers (by SHA) in one call;
+        without it every call is an EVALSHA of its own."""
         self.client = client
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
@@ -96,6 +113,13 @@ class ScriptBatcher:
         self.retries = 0
         self.unreplicated = 0  # engine writes WAIT did not confirm in time
         self._short: dict[str, tuple[float, int]] = {}  # node -> (until, replicas seen)
+        self.batch_script = batch_script
+        self.batch_index = dict(batch_index or {}) if batch_script is not None else {}
+        self.shared = 0  # calls that ran inside a batch script
+        # A call alone in its group runs as its own script, unless this is set (tests
+        # set it to run every call through the batch script).
+        self.always_share = False
+        self._loading: asyncio.Task[None] | None = None
 
     async def call(
         self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any], *,
@@ -158,6 +182,89 @@ class ScriptBatcher:
                 "WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node
             )
 
+    def _shared_slot(self, script: AsyncScript, keys: Sequence[Any]) -> int | None:
+        """The group of calls this one may share a batch script with: 0 on one Redis,
+        the hash slot of its keys on a cluster; None: it runs as its own script."""
+        if script.sha not in self.batch_index:
+            return None
+        if not self._cluster:
+            return 0
+        if not keys:
+            return None
+        assert isinstance(self.client, RedisCluster)
+        slot = self.client.keyslot(keys[0])
+        # A call whose keys span slots fails with CROSSSLOT; it must not fail others.
+        if any(self.client.keyslot(key) != slot for key in keys[1:]):
+            return None
+        return slot
+
+    def _units(self, batch: list[Call]) -> list[list[int]]:
+        """The calls of a batch, as the EVALSHAs that send them (positions in `batch`)."""
+        if self.batch_script is None or (len(batch) == 1 and not self.always_share):
+            return [[i] for i in range(len(batch))]
+        units: list[list[int]] = []
+        groups: dict[int, list[int]] = {}
+        for i, (script, keys, *_) in enumerate(batch):
+            slot = self._shared_slot(script, keys)
+            if slot is None:
+                units.append([i])
+            elif slot in groups:
+                groups[slot].append(i)
+            else:
+                groups[slot] = [i]
+                units.append(groups[slot])
+        return units
+
+    def _queue_unit(self, pipe: Any, calls: list[Call]) -> None:
+        if len(calls) == 1 and not self.always_share:
+            script, keys, args, _, _ = calls[0]
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return
+        assert self.batch_script is not None
+        self.shared += len(calls)
+        header: list[Any] = [len(calls)]
+        all_keys: list[Any] = []
+        all_args: list[Any] = []
+        for script, keys, args, _, _ in calls:
+            header += (self.batch_index[script.sha], len(keys), len(args))
+            all_keys += keys
+            all_args += args
+        pipe.execute_command(
+            "EVALSHA", self.batch_script.sha, len(all_keys), *all_keys, *header, *all_args
+        )
+
+    def _replies(self, units: list[list[int]], replies: list[Any], count: int) -> list[Any]:
+        """Each call's own reply, from the replies of the EVALSHAs of `units`."""
+        out: list[Any] = [None] * count
+        for unit, reply in zip(units, replies, strict=False):
+            if len(unit) == 1 and not self.always_share:
+                out[unit[0]] = reply
+                continue
+            if isinstance(reply, list) and len(reply) == len(unit):
+                for i, one in zip(unit, reply, strict=True):
+                    out[i] = _unmarked(one)
+                continue
+            if isinstance(reply, NoScriptError):
+                # The calls go on alone (as after any NOSCRIPT); the next batches need
+                # the batch script back.
+                self._reload_batch_script()
+            elif not isinstance(reply, Exception):
+                reply = ResponseError(f"the batch script answered {reply!r}")
+            for i in unit:
+                out[i] = reply
+        return out
+
+    def _reload_batch_script(self) -> None:
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(self._load_batch_script())
+
+    async def _load_batch_script(self) -> None:
+        assert self.batch_script is not None
+        try:
+            await self.client.script_load(self.batch_script.script)
+        except Exception:
+            return  # the next batch to find it missing tries again
+
     async def _send(self, batch: list[Call]) -> None:
         try:
             self.batches += 1
@@ -165,10 +272,12 @@ class ScriptBatcher:
             waits: dict[str, int] = {}  # node name -> position of its WAIT reply
             nodes: list[str] = []
             short: dict[int, int] = {}  # call -> replicas of a primary with too few
+            units = self._units(batch)
             async with self.client.pipeline(transaction=False) as pipe:
                 by_node: dict[str, tuple[ClusterNode | None, list[int]]] = {}
-                for i, (script, keys, args, writes, _) in enumerate(batch):
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                for unit in units:
+                    self._queue_unit(pipe, [batch[i] for i in unit])
+                for i, (_, keys, _, writes, _) in enumerate(batch):
                     node = self._node(keys) if self.wait_replicas else None
                     name = node.name if node is not None else ""
                     nodes.append(name)
@@ -180,13 +289,14 @@ class ScriptBatcher:
                             by_node.setdefault(name, (node, []))[1].append(i)
                 # One WAIT per node, after that node's writes on the same connection.
                 for name, (node, _) in by_node.items():
-                    waits[name] = len(batch) + len(waits)
+                    waits[name] = len(units) + len(waits)
                     self._queue_wait(pipe, node)
                 replies = await pipe.execute(raise_on_error=False)
             for name, at in waits.items():
                 self._note_wait(name, replies[at])
+            own = self._replies(units, replies, len(batch))
             for i, (script, keys, args, writes, future) in enumerate(batch):
-                reply = replies[i]
+                reply = own[i]
                 if future.done():
                     continue
                 if isinstance(reply, NoScriptError) or (
@@ -292,3 +402,19 @@ class ScriptBatcher:
         """
         if isinstance(self.client, RedisCluster):
             self.client._initialize = True
+
+
+_ERROR_MARKS = (BATCH_ERROR, BATCH_ERROR.encode())
+
+
+def _unmarked(reply: Any) -> Any:
+    """A call's reply from the batch script; its error marker as the exception the call
+    run alone would have answered (the code before the message picks the class)."""
+    if isinstance(reply, list) and len(reply) == 2 and reply[0] in _ERROR_MARKS:
+        message = reply[1]
+        if isinstance(message, bytes):
+            message = message.decode(errors="replace")
+        # redis-py's own mapping of an error reply to its exception class.
+        error: ResponseError = BaseParser.parse_error(str(message))  # type: ignore[no-untyped-call]
+        return error
+    return reply

@@ -47,7 +47,12 @@ from coordinator.store.codec import (
     trans_from_hash,
 )
 from coordinator.store.packing import use_c_packing
-from coordinator.store.scripts import SCRIPT_NAMES, script_text
+from coordinator.store.scripts import (
+    SCRIPT_NAMES,
+    batch_script_text,
+    batchable,
+    script_text,
+)
 
 log = logging.getLogger("coordinator.store")
 
@@ -91,6 +96,7 @@ class RedisStore(Store):
         lease_ms: int = 30_000,
         finished_ttl_s: int = 86_400,
         batch: bool = True,
+        batch_scripts: bool = True,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
         retry_for: float = 0.0,
@@ -108,11 +114,19 @@ class RedisStore(Store):
         self.scripts: dict[str, AsyncScript] = {
             name: client.register_script(script_text(name)) for name in SCRIPT_NAMES
         }
+        # Several calls of one round (of one slot on a cluster) run as one call of
+        # the batch script, which embeds the scripts it can run.
+        shared = tuple(name for name in SCRIPT_NAMES if batchable(name))
+        self.batch_script: AsyncScript | None = (
+            client.register_script(batch_script_text(shared)) if batch_scripts else None
+        )
         # Creates and transitions of concurrent transactions share round trips.
         # On a cluster, one pipeline per node per round.
         self._batch = ScriptBatcher(
             client, max_batch=256 if batch else 1, wait_replicas=wait_replicas,
             wait_timeout_ms=wait_timeout_ms, retry_for=retry_for,
+            batch_script=self.batch_script,
+            batch_index={self.scripts[name].sha: i + 1 for i, name in enumerate(shared)},
         )
 
     @classmethod
@@ -148,6 +162,8 @@ class RedisStore(Store):
         # On a cluster SCRIPT LOAD goes to every primary.
         for script in self.scripts.values():
             await self.client.script_load(script.script)
+        if self.batch_script is not None:
+            await self.client.script_load(self.batch_script.script)
         await self._check_partitions()
 
     async def _check_partitions(self) -> None:
