@@ -34,7 +34,7 @@ from coordinator.machines.msg import branches_for
 from coordinator.model import Options, Status, Trans
 from coordinator.store.batch import ScriptBatcher
 from coordinator.store.redis_store import RedisStore
-from coordinator.store.scripts import script_text
+from coordinator.store.scripts import batch_script_text, script_text
 from examples.http1 import Handler, Reply, Request, serve
 
 BARRIER_TTL_S = 7 * 86_400
@@ -55,11 +55,17 @@ class Sale:
         client = store.client
         self.buy_script = client.register_script(script_text("flash_buy"))
         self.order_script = client.register_script(script_text("flash_order"))
-        # Concurrent buyers' scripts share round trips, as the coordinator's writes do.
-        self.batch = ScriptBatcher(client)
+        # Concurrent buyers' scripts share round trips, as the coordinator's writes do,
+        # and, all being in the sale's slot, one EVALSHA of the batch script per round.
+        self.batch_script = client.register_script(
+            batch_script_text(("flash_buy", "flash_order")))
+        self.batch = ScriptBatcher(
+            client, batch_script=self.batch_script,
+            batch_index={self.buy_script.sha: 1, self.order_script.sha: 2},
+        )
 
     async def start(self, stock: int | None) -> None:
-        for script in (self.buy_script, self.order_script):
+        for script in (self.buy_script, self.order_script, self.batch_script):
             await self.store.client.script_load(script.script)
         if stock is not None:
             await self.store.client.set(self.stock_key, stock)
