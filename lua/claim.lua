@@ -4,12 +4,13 @@
 -- named in KEYS); each is checked again here by the server's clock, since another worker
 -- may have claimed it in between.
 -- KEYS[1] = due index (zset) of the partition, score = ms when due
--- KEYS[2k], KEYS[2k+1] (k = 1..N) = transaction hash and branches hash of candidate k
+-- KEYS[1+k] (k = 1..N) = transaction hash of candidate k (its branches are fields of it)
 -- ARGV[1] = owner token prefix; each claim gets "<prefix>:<k>"
 -- ARGV[2] = lease length in ms
 -- ARGV[2+k] = gid of candidate k
--- returns {now_ms, {gid, token, {trans field, value, ...}, {branch key, json, ...},
+-- returns {now_ms, {gid, token, {field, value, ...} (transaction and "branch:" fields),
 --          previous owner ('' unless a lease that ran out was taken over)}, ...}
+-- An owner or lease_until of '' counts as absent (finished transactions keep them empty).
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -18,24 +19,24 @@ local lease_ms = tonumber(ARGV[2])
 for i = 3, #ARGV do
   local gid = ARGV[i]
   local k = i - 2
-  local tkey = KEYS[2 * k]
+  local tkey = KEYS[1 + k]
   local score = redis.call('ZSCORE', KEYS[1], gid)
   if score and tonumber(score) <= now then
     local rec = redis.call('HMGET', tkey, 'status', 'owner', 'lease_until')
     local status = rec[1]
+    local held_until = tonumber(rec[3] or '')  -- nil for '': no lease
     if (not status) or status == 'succeed' or status == 'failed' then
       -- Finished or expired: the entry must not outlive the transaction.
       redis.call('ZREM', KEYS[1], gid)
-    elseif rec[2] and rec[2] ~= '' and tonumber(rec[3] or '0') > now then
+    elseif rec[2] and rec[2] ~= '' and held_until and held_until > now then
       -- Someone holds a live lease: look again when it runs out.
-      redis.call('ZADD', KEYS[1], tonumber(rec[3]), gid)
+      redis.call('ZADD', KEYS[1], held_until, gid)
     else
       local token = ARGV[1] .. ':' .. k
       local until_ms = now + lease_ms
       redis.call('HSET', tkey, 'owner', token, 'lease_until', string.format('%d', until_ms))
       redis.call('ZADD', KEYS[1], until_ms, gid)
-      out[#out + 1] = {gid, token, redis.call('HGETALL', tkey),
-        redis.call('HGETALL', KEYS[2 * k + 1]), rec[2] or ''}
+      out[#out + 1] = {gid, token, redis.call('HGETALL', tkey), rec[2] or ''}
     end
   end
 end

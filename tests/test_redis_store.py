@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import fakeredis
 import pytest
@@ -107,12 +107,11 @@ def test_keyspace_layout() -> None:
     keys = ks.for_gid("{2}order-7")
     assert keys.as_list() == [
         "coord:trans:{p2}:{2}order-7",
-        "coord:branches:{p2}:{2}order-7",
         "coord:due:{p2}",
         "coord:created:{p2}",
         "coord:expiry:{p2}",
     ]
-    assert ks.partition_keys(2) == keys.as_list()[2:]
+    assert ks.partition_keys(2) == keys.as_list()[1:]
     assert tag(2) == "{p2}"
     assert len({key_slot(k.encode()) for k in keys.as_list()}) == 1
     # An explicit tag beyond the partition count falls back to the hash.
@@ -131,17 +130,74 @@ async def test_stored_keys_follow_the_keyspace(rstore: RedisStore) -> None:
     await rstore.transition(gid, Transition(SUBMITTED, Status.SUCCEED))
     # Besides the deployment's record of its partition count, written at start.
     names = [k async for k in rstore.client.scan_iter(match=f"{ks.prefix}:*")
-             if k != ks.kv("partitions")]
+             if k not in (ks.kv("partitions"), ks.kv("layout"))]
     keys = ks.for_gid(gid)
     # The due entry is gone once finished; every other key of the gid exists.
-    assert sorted(names) == sorted([keys.trans, keys.branches, keys.created, keys.expiry])
+    assert sorted(names) == sorted([keys.trans, keys.created, keys.expiry])
     assert all(tag(2) in name for name in names)
     assert len({key_slot(n.encode()) for n in names}) == 1
     assert await rstore.client.hget(keys.trans, "gid") == gid
-    assert await rstore.client.hexists(keys.branches, "01:action")
+    assert await rstore.client.hexists(keys.trans, "branch:01:action")
     member = await field(rstore.client, keys.trans, "created_member")
     assert await rstore.client.zscore(keys.created, member) is not None
     assert await rstore.client.zscore(keys.expiry, member) is not None
+
+
+# -- upgrade from layout 1 -------------------------------------------------------------------
+
+
+async def _to_layout_1(store: RedisStore, gid: str) -> dict[str, str]:
+    """Rewrites a stored transaction as version 1 kept it: its branch records in a
+    second hash; returns those records."""
+    c: Any = store.client  # decodes responses
+    trans = store.keys.for_gid(gid).trans
+    fields: dict[str, str] = await c.hgetall(trans)
+    old = {k[len("branch:"):]: v for k, v in fields.items() if k.startswith("branch:")}
+    await c.hdel(trans, *(f"branch:{k}" for k in old))
+    await c.hset(trans.replace(":trans:", ":branches:", 1), mapping=old)
+    return old
+
+
+async def test_start_moves_layout_1_branch_hashes_into_the_transaction(
+    store_factory: RedisStoreFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = await store_factory(finished_ttl_s=3_600)
+    c, ks = first.client, first.keys
+    assert await c.get(ks.kv("layout")) == "2"
+    running, finished, orphan = "{1}old-running", "{2}old-finished", "{3}old-orphan"
+    for gid in (running, finished):
+        await first.create(make_trans(gid), due_in_ms=60_000)
+    await first.transition(finished, Transition(SUBMITTED, Status.SUCCEED))
+    ttl = await c.pttl(ks.for_gid(finished).trans)
+    records = {gid: await _to_layout_1(first, gid) for gid in (running, finished)}
+    assert all(records.values())
+    # A branch hash whose transaction is gone, and a deployment without the marker.
+    await c.hset(f"{ks.prefix}:branches:{tag(3)}:{orphan}", "01:action", "{}")
+    await c.delete(ks.kv("layout"))
+    before = await first.load(running)
+    assert before is not None
+    assert before.branches == ()
+
+    with caplog.at_level("INFO", logger="coordinator.store"):
+        second = await store_factory(finished_ttl_s=3_600)
+    assert "moved the branches of 2 transactions" in caplog.text
+    assert await c.get(ks.kv("layout")) == "2"
+    assert [k async for k in c.scan_iter(match=ks.legacy_branches_pattern())] == []
+    for gid, old in records.items():
+        fields = await c.hgetall(ks.for_gid(gid).trans)
+        assert {k: fields[f"branch:{k}"] for k in old} == old
+        loaded = await second.load(gid)
+        assert loaded is not None
+        assert [b.key for b in loaded.branches] == [b.key for b in make_trans(gid).branches]
+    assert 0 < ttl - await c.pttl(ks.for_gid(finished).trans) < 5_000  # its TTL is kept
+    assert await c.ttl(ks.for_gid(running).trans) == -1
+    # The moved transaction goes on as before.
+    await second.transition(running, Transition(SUBMITTED, Status.SUCCEED))
+    # A later start finds the marker and scans nothing.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="coordinator.store"):
+        await store_factory()
+    assert "moved the branches" not in caplog.text
 
 
 # -- expiry ---------------------------------------------------------------------------------
@@ -155,13 +211,17 @@ async def test_finished_keys_share_one_ttl(store_factory: RedisStoreFactory) -> 
     await store.transition("ttl-1", Transition(SUBMITTED, Status.ABORTING, next_due_ms=10))
     # Unfinished transactions never expire.
     assert await c.ttl(keys.trans) == -1
-    assert await c.ttl(keys.branches) == -1
     assert await c.zscore(keys.due, "ttl-1") is not None
     result = await store.transition("ttl-1", Transition(frozenset({Status.ABORTING}),
                                                         Status.FAILED))
-    trans_ms, branches_ms = await c.pttl(keys.trans), await c.pttl(keys.branches)
+    trans_ms = await c.pttl(keys.trans)
     assert 3_600_000 - 2_000 < trans_ms <= 3_600_000
-    assert abs(trans_ms - branches_ms) <= 1_000
+    # The lease fields are emptied, not deleted; they read as absent.
+    assert await c.hmget(keys.trans, "owner", "lease_until", "next_cron_time", "poke") == [
+        "", "", "", ""]
+    loaded = await store.load("ttl-1")
+    assert loaded is not None
+    assert (loaded.owner, loaded.next_cron_time) == ("", 0)
     assert await c.zscore(keys.due, "ttl-1") is None
     member = await field(c, keys.trans, "created_member")
     assert await c.zscore(keys.expiry, member) == result.now + 3_600_000
@@ -176,7 +236,7 @@ async def test_sweep_drops_index_entries(store_factory: RedisStoreFactory) -> No
     member = await field(c, keys.trans, "created_member")
     await store.transition(gid, Transition(SUBMITTED, Status.SUCCEED))
     await asyncio.sleep(1.2)
-    assert not await c.exists(keys.trans, keys.branches)
+    assert not await c.exists(keys.trans)
     assert await c.zscore(keys.created, member) is not None  # until the sweeper runs
     # The gid is used again before the sweeper runs: the listing shows it once, and the
     # sweep drops only the old entry.
@@ -204,7 +264,7 @@ async def test_claim_drops_due_entries_of_missing_transactions(rstore: RedisStor
     keys = rstore.keys.for_gid(gid)
     await rstore.create(make_trans(gid), due_in_ms=0)
     await rstore.create(make_trans("{3}present"), due_in_ms=0)
-    await c.delete(keys.trans, keys.branches)
+    await c.delete(keys.trans)
     claimed = await rstore.claim(3, 10, "w")
     assert [x.trans.gid for x in claimed] == ["{3}present"]
     assert await c.zscore(keys.due, gid) is None
@@ -230,7 +290,7 @@ async def test_transition_of_a_missing_transaction_drops_its_due_entry(
     c = rstore.client
     keys = rstore.keys.for_gid("gone")
     await rstore.create(make_trans("gone"), due_in_ms=60_000)
-    await c.delete(keys.trans, keys.branches)
+    await c.delete(keys.trans)
     with pytest.raises(NotFound):
         await rstore.transition("gone", Transition(SUBMITTED, Status.ABORTING))
     assert await c.zscore(keys.due, "gone") is None
@@ -280,7 +340,7 @@ async def test_reschedule_during_a_lease_is_honoured_at_release(rstore: RedisSto
     due = await c.zscore(keys.due, "poke-1")
     assert due is not None
     assert due <= result.now
-    assert await c.hget(keys.trans, "poke") is None
+    assert await c.hget(keys.trans, "poke") in (None, "")
     # Without a request, a release keeps the worker's own schedule.
     [again] = await rstore.claim(rstore.keys.partition("poke-1"), 10, "w2")
     later = await rstore.transition("poke-1", Transition(

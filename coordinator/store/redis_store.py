@@ -43,8 +43,10 @@ from coordinator.store.codec import (
     branch_records,
     branches_json,
     pairs_to_dict,
+    split_hash,
     trans_fields,
     trans_from_hash,
+    trans_from_record,
 )
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
 
@@ -60,6 +62,9 @@ RETRIED_ERRORS: tuple[type[RedisError], ...] = (RedisConnectionError, RedisTimeo
 RETRIES = 5  # waits of 0.05, 0.1, 0.2, 0.4, 0.5 s: about 1.3 s before giving up
 # Idle connections are pinged before use after this many seconds.
 HEALTH_CHECK_INTERVAL = 10
+# Layout 2 keeps each transaction's branch records in its own hash (keys.py); layout 1
+# kept them in a second hash per transaction.
+LAYOUT = "2"
 
 
 def _retry_policy() -> Retry:
@@ -146,6 +151,7 @@ class RedisStore(Store):
         for script in self.scripts.values():
             await self.client.script_load(script.script)
         await self._check_partitions()
+        await self._upgrade_layout()
 
     async def _check_partitions(self) -> None:
         """The partition count is part of every key's name: a deployment restarted with
@@ -160,6 +166,25 @@ class RedisStore(Store):
                 f"prefix '{self.keys.prefix}' were stored with {recorded}; set "
                 f"redis.partitions = {recorded} (it is fixed for the life of a deployment)"
             )
+
+    async def _upgrade_layout(self) -> None:
+        """Moves the branch hashes of layout 1 into their transaction hashes, once per
+        deployment (a marker records that it is done); each move is one script, so a
+        transaction is never seen half moved and an interrupted start-up resumes."""
+        marker = self.keys.kv("layout")
+        if await self.client.get(marker) == LAYOUT:
+            return
+        script = self.client.register_script(script_text("migrate_layout"))
+        moved = 0
+        async for key in self.client.scan_iter(
+            match=self.keys.legacy_branches_pattern(), count=1000
+        ):
+            name = key.decode() if isinstance(key, bytes) else key
+            moved += int(await script(keys=[name, self.keys.legacy_trans_key(name)]))
+        await self.client.set(marker, LAYOUT)
+        if moved:
+            log.info("moved the branches of %d transactions into their transaction hashes "
+                     "(key layout %s)", moved, LAYOUT)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -179,7 +204,7 @@ class RedisStore(Store):
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of lua/create.lua for this transaction."""
         keys = self.keys.for_gid(trans.gid)
-        return keys.as_list()[:4], [
+        return keys.as_list()[:3], [
             trans.gid,
             trans.status.value,
             orjson.dumps(trans_fields(trans)).decode(),
@@ -233,13 +258,11 @@ class RedisStore(Store):
     async def load(self, gid: str) -> Trans | None:
         keys = self.keys.for_gid(gid)
         started = time.perf_counter()
-        fields, branches = await self._batch.call(
-            self.scripts["load"], [keys.trans, keys.branches], [], writes=READ
-        )
+        record = await self._batch.call(self.scripts["load"], [keys.trans], [], writes=READ)
         self.observer.script("load", time.perf_counter() - started)
-        if not fields:
+        if not record:
             return None
-        return trans_from_hash(pairs_to_dict(fields), pairs_to_dict(branches))
+        return trans_from_record(pairs_to_dict(record))
 
     async def _due(self, zset: str, limit: int) -> builtins.list[str]:
         """Members of a partition's sorted set that look due by this host's clock.
@@ -267,10 +290,8 @@ class RedisStore(Store):
         gids = await self._due(self.keys.due(partition), limit)
         if not gids:
             return []
-        tp, bp = self.keys.trans_prefix(partition), self.keys.branches_prefix(partition)
-        keys = [self.keys.due(partition)]
-        for gid in gids:
-            keys += [tp + gid, bp + gid]
+        tp = self.keys.trans_prefix(partition)
+        keys = [self.keys.due(partition), *(tp + gid for gid in gids)]
         started = time.perf_counter()
         reply = await self._batch.call(
             self.scripts["claim"], keys, [token_prefix, self.lease_ms, *gids], writes=READ
@@ -278,9 +299,9 @@ class RedisStore(Store):
         self.observer.script("claim", time.perf_counter() - started)
         now = int(reply[0])
         claimed = []
-        for _gid, token, f, b, previous in reply[1:]:
+        for _gid, token, record, previous in reply[1:]:
             try:
-                trans = trans_from_hash(pairs_to_dict(f), pairs_to_dict(b))
+                trans = trans_from_record(pairs_to_dict(record))
             except CorruptRecord as exc:
                 # Left to its lease (and reported each time it comes round): one damaged
                 # record must not fail the claim of every transaction in its batch.
@@ -338,7 +359,8 @@ class RedisStore(Store):
                 if where.trans_type and rec.get("trans_type") != where.trans_type:
                     continue
                 try:
-                    found.append(trans_from_hash(rec, {}))
+                    # A page shows no branches: the branch fields are left unread.
+                    found.append(trans_from_hash(split_hash(rec)[0], {}))
                 except CorruptRecord:
                     continue  # unreadable: `query` shows its raw fields; a page must not fail
                 if len(found) == limit:
@@ -353,7 +375,7 @@ class RedisStore(Store):
         keys = self.keys.for_gid(gid)
         reply = await self._batch.call(
             self.scripts["register"],
-            [keys.trans, keys.branches],
+            [keys.trans],
             [
                 gid,
                 ",".join(s.value for s in expected),
