@@ -20,6 +20,13 @@ from dataclasses import dataclass
 # transaction field name contains ':', so the two never clash.
 BRANCH_FIELD = "branch:"
 
+# The due index holds one entry per transaction, its listing member
+# "<13-digit create ms>:<gid>". An unfinished one is scored by when it is next due (ms);
+# a finished one by FINISHED_BAND + when its hash expires, so that the two never mix:
+# claims look below the band, the sweep inside it. Unfinished scores stay far below (the
+# API bounds every interval to 100 years); band scores stay exact doubles (< 2**53).
+FINISHED_BAND = 2**50
+
 _EXPLICIT = re.compile(r"\{(\d{1,5})\}")
 _GLOB = re.compile(r"[*?\[\]\\]")
 
@@ -46,10 +53,9 @@ class TransKeys:
     trans: str
     due: str
     created: str
-    expiry: str
 
     def as_list(self) -> list[str]:
-        return [self.trans, self.due, self.created, self.expiry]
+        return [self.trans, self.due, self.created]
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,8 @@ class KeySpace:
     def created(self, partition: int) -> str:
         return f"{self.prefix}:created:{tag(partition)}"
 
-    def expiry(self, partition: int) -> str:
+    def legacy_expiry(self, partition: int) -> str:
+        """Layout 2's index of finished transactions, folded into the due index since."""
         return f"{self.prefix}:expiry:{tag(partition)}"
 
     def for_gid(self, gid: str) -> TransKeys:
@@ -90,12 +97,11 @@ class KeySpace:
             trans=self.trans_prefix(p) + gid,
             due=self.due(p),
             created=self.created(p),
-            expiry=self.expiry(p),
         )
 
     def partition_keys(self, partition: int) -> list[str]:
         """KEYS for the per-partition scripts (claim, sweep)."""
-        return [self.due(partition), self.created(partition), self.expiry(partition)]
+        return [self.due(partition), self.created(partition)]
 
     @staticmethod
     def branch_field(key: str) -> str:

@@ -1,7 +1,7 @@
 -- create
 -- Store a new global transaction with its branches, unless the gid is taken.
 -- KEYS[1] = transaction hash        <prefix>:trans:{pN}:<gid> (branches are its fields)
--- KEYS[2] = due index (zset)        <prefix>:due:{pN}
+-- KEYS[2] = due index (zset)        <prefix>:due:{pN}, member = the listing member
 -- KEYS[3] = listing index (zset)    <prefix>:created:{pN}
 -- ARGV[1] = gid
 -- ARGV[2] = status to create with (prepared | submitted)

@@ -38,6 +38,7 @@ local function create_transaction(K, A)
   end
 
   -- The listing index orders by creation time, then gid; members are unique per gid.
+  -- The due index uses the same member, so that one entry of it can find the other.
   local member = string.format('%013d', now) .. ':' .. A[1]
   hset[#hset + 1] = 'created_member'
   hset[#hset + 1] = member
@@ -58,7 +59,7 @@ local function create_transaction(K, A)
   end
   redis.call('HSET', K[1], unpack(hset))
 
-  redis.call('ZADD', K[2], score, A[1])
+  redis.call('ZADD', K[2], score, member)
   redis.call('ZADD', K[3], 0, member)
   return {'OK', snow}
 end

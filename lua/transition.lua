@@ -2,9 +2,10 @@
 -- Compare-and-set a transaction: check its status (and lease owner), then apply branch
 -- results, field changes and an optional new status, and reschedule or finish it.
 -- KEYS[1] = transaction hash (its "branch:<branch_id>:<op>" fields are the branches)
--- KEYS[2] = due index (zset)
+-- KEYS[2] = due index (zset): member = the listing member ("created_member"), score =
+--           ms when next due, or for a finished transaction FINISHED_BAND (keys.py) +
+--           ms when its hash expires
 -- KEYS[3] = listing index (zset)
--- KEYS[4] = expiry index (zset)
 -- ARGV[1] = gid
 -- ARGV[2] = expected statuses, comma separated
 -- ARGV[3] = owner token the caller must hold, or "" (API calls hold no lease)
@@ -20,6 +21,8 @@
 --         {"CONFLICT", current_status} or {"LEASE_LOST", current_owner}
 
 --!include lib_expect.lua
+
+local FINISHED_BAND = 1125899906842624  -- 2^50, as keys.py
 
 -- A field set to '' counts as absent: a finished transaction's lease fields are emptied
 -- in the one HSET of its last write instead of deleted by a second command.
@@ -47,10 +50,11 @@ end
 local cur = redis.call('HMGET', KEYS[1], unpack(fields))
 local status = cur[1]
 if not status then
-  -- No index entry may outlive its transaction.
-  redis.call('ZREM', KEYS[2], ARGV[1])
+  -- Its index entries, if any, name it by a member this script cannot know; the claim
+  -- and the sweep drop them once they come round.
   return {'NOT_FOUND'}
 end
+local member = cur[4] or ARGV[1]
 
 if not status_in(ARGV[2], status) then
   return {'CONFLICT', status}
@@ -101,14 +105,13 @@ if new == 'succeed' or new == 'failed' then
     hset[#hset + 1] = ''
   end
   redis.call('HSET', KEYS[1], unpack(hset))
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  -- The transaction is one key, so all of it expires at the same moment; its listing
-  -- entry is dropped by the sweep once that moment has passed.
+  -- The transaction is one key, so all of it expires at the same moment. Its due entry
+  -- moves into the finished band, scored by that moment: no claim looks there, and the
+  -- sweep drops it with the listing entry once the moment has passed. Formatted here:
+  -- Redis would pass a band score on with 14 digits.
   local ttl = tonumber(ARGV[10])
   redis.call('EXPIRE', KEYS[1], ttl)
-  if cur[4] then
-    redis.call('ZADD', KEYS[4], now + ttl * 1000, cur[4])
-  end
+  redis.call('ZADD', KEYS[2], string.format('%d', FINISHED_BAND + now + ttl * 1000), member)
   return {'OK', new, snow, '0'}
 end
 
@@ -125,7 +128,7 @@ if mode == 'renew' then
   local until_ms = now + lease_ms
   hset[#hset + 1] = 'lease_until'
   hset[#hset + 1] = string.format('%d', until_ms)
-  redis.call('ZADD', KEYS[2], until_ms, ARGV[1])
+  redis.call('ZADD', KEYS[2], until_ms, member)
 elseif mode == 'release' then
   -- A reschedule asked for while we held the lease (resetNextCronTime) wins over ours.
   if present(cur[5]) then
@@ -137,7 +140,7 @@ elseif mode == 'release' then
     hset[#hset + 1] = ''
   end
   next_due = next_due or now
-  redis.call('ZADD', KEYS[2], next_due, ARGV[1])
+  redis.call('ZADD', KEYS[2], next_due, member)
 elseif string.sub(mode, 1, 8) == 'acquire:' then
   if owner == '' or lease_until <= now then
     local until_ms = now + lease_ms
@@ -145,7 +148,7 @@ elseif string.sub(mode, 1, 8) == 'acquire:' then
     hset[#hset + 1] = string.sub(mode, 9)
     hset[#hset + 1] = 'lease_until'
     hset[#hset + 1] = string.format('%d', until_ms)
-    redis.call('ZADD', KEYS[2], until_ms, ARGV[1])
+    redis.call('ZADD', KEYS[2], until_ms, member)
     acquired = '1'
   else
     -- The holder works from the old status; its release must bring this one forward.
@@ -156,7 +159,7 @@ elseif next_due then
   -- An API call with no lease: reschedule, unless a live lease already owns the entry;
   -- then leave a note that the owner's release honours.
   if owner == '' or lease_until <= now then
-    redis.call('ZADD', KEYS[2], next_due, ARGV[1])
+    redis.call('ZADD', KEYS[2], next_due, member)
   else
     hset[#hset + 1] = 'poke'
     hset[#hset + 1] = '1'

@@ -22,7 +22,7 @@ from fakeredis import aioredis as fake_aioredis
 from redis.crc import key_slot
 
 from coordinator.errors import NotFound, PartitionMismatch
-from coordinator.keys import KeySpace, partition_of, tag
+from coordinator.keys import FINISHED_BAND, KeySpace, partition_of, tag
 from coordinator.model import Status
 from coordinator.store.base import ListFilter, Transition
 from coordinator.store.cluster import parse_seeds
@@ -109,7 +109,6 @@ def test_keyspace_layout() -> None:
         "coord:trans:{p2}:{2}order-7",
         "coord:due:{p2}",
         "coord:created:{p2}",
-        "coord:expiry:{p2}",
     ]
     assert ks.partition_keys(2) == keys.as_list()[1:]
     assert tag(2) == "{p2}"
@@ -132,15 +131,15 @@ async def test_stored_keys_follow_the_keyspace(rstore: RedisStore) -> None:
     names = [k async for k in rstore.client.scan_iter(match=f"{ks.prefix}:*")
              if k not in (ks.kv("partitions"), ks.kv("layout"))]
     keys = ks.for_gid(gid)
-    # The due entry is gone once finished; every other key of the gid exists.
-    assert sorted(names) == sorted([keys.trans, keys.created, keys.expiry])
+    assert sorted(names) == sorted([keys.trans, keys.due, keys.created])
     assert all(tag(2) in name for name in names)
     assert len({key_slot(n.encode()) for n in names}) == 1
     assert await rstore.client.hget(keys.trans, "gid") == gid
     assert await rstore.client.hexists(keys.trans, "branch:01:action")
     member = await field(rstore.client, keys.trans, "created_member")
     assert await rstore.client.zscore(keys.created, member) is not None
-    assert await rstore.client.zscore(keys.expiry, member) is not None
+    # Finished: its due entry, named by the same member, is in the finished band.
+    assert await rstore.client.zscore(keys.due, member) >= FINISHED_BAND
 
 
 # -- upgrade from layout 1 -------------------------------------------------------------------
@@ -148,27 +147,40 @@ async def test_stored_keys_follow_the_keyspace(rstore: RedisStore) -> None:
 
 async def _to_layout_1(store: RedisStore, gid: str) -> dict[str, str]:
     """Rewrites a stored transaction as version 1 kept it: its branch records in a
-    second hash; returns those records."""
+    second hash, its due entry named by the gid, or when finished an entry in the
+    partition's expiry index instead; returns the branch records."""
     c: Any = store.client  # decodes responses
-    trans = store.keys.for_gid(gid).trans
-    fields: dict[str, str] = await c.hgetall(trans)
+    keys = store.keys.for_gid(gid)
+    fields: dict[str, str] = await c.hgetall(keys.trans)
     old = {k[len("branch:"):]: v for k, v in fields.items() if k.startswith("branch:")}
-    await c.hdel(trans, *(f"branch:{k}" for k in old))
-    await c.hset(trans.replace(":trans:", ":branches:", 1), mapping=old)
+    await c.hdel(keys.trans, *(f"branch:{k}" for k in old))
+    await c.hset(keys.trans.replace(":trans:", ":branches:", 1), mapping=old)
+    member = fields["created_member"]
+    score = await c.zscore(keys.due, member)
+    await c.zrem(keys.due, member)
+    if score >= FINISHED_BAND:
+        expiry = store.keys.legacy_expiry(store.keys.partition(gid))
+        await c.zadd(expiry, {member: score - FINISHED_BAND})
+    else:
+        await c.zadd(keys.due, {gid: score})
     return old
 
 
-async def test_start_moves_layout_1_branch_hashes_into_the_transaction(
+async def test_start_brings_layout_1_data_to_this_layout(
     store_factory: RedisStoreFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = await store_factory(finished_ttl_s=3_600)
     c, ks = first.client, first.keys
-    assert await c.get(ks.kv("layout")) == "2"
+    assert await c.get(ks.kv("layout")) == "3"
     running, finished, orphan = "{1}old-running", "{2}old-finished", "{3}old-orphan"
-    for gid in (running, finished):
-        await first.create(make_trans(gid), due_in_ms=60_000)
+    await first.create(make_trans(running), due_in_ms=0)
+    await first.create(make_trans(finished), due_in_ms=60_000)
     await first.transition(finished, Transition(SUBMITTED, Status.SUCCEED))
     ttl = await c.pttl(ks.for_gid(finished).trans)
+    scores = {}
+    for gid in (running, finished):
+        keys = ks.for_gid(gid)
+        scores[gid] = await c.zscore(keys.due, await field(c, keys.trans, "created_member"))
     records = {gid: await _to_layout_1(first, gid) for gid in (running, finished)}
     assert all(records.values())
     # A branch hash whose transaction is gone, and a deployment without the marker.
@@ -181,23 +193,30 @@ async def test_start_moves_layout_1_branch_hashes_into_the_transaction(
     with caplog.at_level("INFO", logger="coordinator.store"):
         second = await store_factory(finished_ttl_s=3_600)
     assert "moved the branches of 2 transactions" in caplog.text
-    assert await c.get(ks.kv("layout")) == "2"
+    assert "renamed 1 due entries and moved 1 expiry entries" in caplog.text
+    assert await c.get(ks.kv("layout")) == "3"
+    assert not await c.exists(ks.legacy_expiry(2))
     assert [k async for k in c.scan_iter(match=ks.legacy_branches_pattern())] == []
     for gid, old in records.items():
         fields = await c.hgetall(ks.for_gid(gid).trans)
         assert {k: fields[f"branch:{k}"] for k in old} == old
+        member = fields["created_member"]
+        assert await c.zscore(ks.due(ks.partition(gid)), member) == scores[gid]
+        assert await c.zscore(ks.due(ks.partition(gid)), gid) is None
         loaded = await second.load(gid)
         assert loaded is not None
         assert [b.key for b in loaded.branches] == [b.key for b in make_trans(gid).branches]
     assert 0 < ttl - await c.pttl(ks.for_gid(finished).trans) < 5_000  # its TTL is kept
     assert await c.ttl(ks.for_gid(running).trans) == -1
     # The moved transaction goes on as before.
-    await second.transition(running, Transition(SUBMITTED, Status.SUCCEED))
+    [claimed] = await second.claim(1, 10, "w")
+    assert claimed.trans.gid == running
+    await second.transition(running, Transition(SUBMITTED, Status.SUCCEED, owner=claimed.token))
     # A later start finds the marker and scans nothing.
     caplog.clear()
     with caplog.at_level("INFO", logger="coordinator.store"):
         await store_factory()
-    assert "moved the branches" not in caplog.text
+    assert "moved" not in caplog.text
 
 
 # -- expiry ---------------------------------------------------------------------------------
@@ -211,7 +230,8 @@ async def test_finished_keys_share_one_ttl(store_factory: RedisStoreFactory) -> 
     await store.transition("ttl-1", Transition(SUBMITTED, Status.ABORTING, next_due_ms=10))
     # Unfinished transactions never expire.
     assert await c.ttl(keys.trans) == -1
-    assert await c.zscore(keys.due, "ttl-1") is not None
+    member = await field(c, keys.trans, "created_member")
+    assert await c.zscore(keys.due, member) < FINISHED_BAND
     result = await store.transition("ttl-1", Transition(frozenset({Status.ABORTING}),
                                                         Status.FAILED))
     trans_ms = await c.pttl(keys.trans)
@@ -222,9 +242,12 @@ async def test_finished_keys_share_one_ttl(store_factory: RedisStoreFactory) -> 
     loaded = await store.load("ttl-1")
     assert loaded is not None
     assert (loaded.owner, loaded.next_cron_time) == ("", 0)
-    assert await c.zscore(keys.due, "ttl-1") is None
-    member = await field(c, keys.trans, "created_member")
-    assert await c.zscore(keys.expiry, member) == result.now + 3_600_000
+    assert await c.zscore(keys.due, member) == FINISHED_BAND + result.now + 3_600_000
+    # Nothing to claim, nothing to bring forward; the sweep has nothing yet either.
+    assert await store.claim(store.keys.partition("ttl-1"), 10, "w") == []
+    assert await store.reset_due(store.keys.partition("ttl-1"), 0, 10) == (0, False)
+    assert await store.sweep(store.keys.partition("ttl-1")) == 0
+    assert await c.zscore(keys.due, member) == FINISHED_BAND + result.now + 3_600_000
 
 
 async def test_sweep_drops_index_entries(store_factory: RedisStoreFactory) -> None:
@@ -238,6 +261,8 @@ async def test_sweep_drops_index_entries(store_factory: RedisStoreFactory) -> No
     await asyncio.sleep(1.2)
     assert not await c.exists(keys.trans)
     assert await c.zscore(keys.created, member) is not None  # until the sweeper runs
+    assert await c.zscore(keys.due, member) is not None
+    assert await store.claim(1, 10, "w") == []  # claims leave the finished band alone
     # The gid is used again before the sweeper runs: the listing shows it once, and the
     # sweep drops only the old entry.
     await store.create(make_trans(gid), due_in_ms=60_000)
@@ -248,9 +273,9 @@ async def test_sweep_drops_index_entries(store_factory: RedisStoreFactory) -> No
     assert await store.sweep(1) == 1
     assert await store.sweep(1) == 0
     assert await c.zscore(keys.created, member) is None
-    assert await c.zscore(keys.expiry, member) is None
+    assert await c.zscore(keys.due, member) is None
     assert await c.zscore(keys.created, new_member) is not None
-    assert await c.zscore(keys.due, gid) is not None
+    assert await c.zscore(keys.due, new_member) is not None
     page = await store.list("", 10, ListFilter())
     assert [t.gid for t in page.transactions] == [gid]
 
@@ -263,11 +288,31 @@ async def test_claim_drops_due_entries_of_missing_transactions(rstore: RedisStor
     gid = "{3}vanished"
     keys = rstore.keys.for_gid(gid)
     await rstore.create(make_trans(gid), due_in_ms=0)
+    member = await field(c, keys.trans, "created_member")
     await rstore.create(make_trans("{3}present"), due_in_ms=0)
     await c.delete(keys.trans)
     claimed = await rstore.claim(3, 10, "w")
     assert [x.trans.gid for x in claimed] == ["{3}present"]
-    assert await c.zscore(keys.due, gid) is None
+    assert await c.zscore(keys.due, member) is None
+    assert await c.zscore(keys.created, member) is None
+
+
+async def test_claim_drops_due_entries_of_a_reused_gid(rstore: RedisStore) -> None:
+    c = rstore.client
+    gid = "{3}reused"
+    keys = rstore.keys.for_gid(gid)
+    await rstore.create(make_trans(gid), due_in_ms=0)
+    old = await field(c, keys.trans, "created_member")
+    await c.delete(keys.trans)  # as if expired (an unfinished one never does)
+    await asyncio.sleep(0.002)
+    await rstore.create(make_trans(gid), due_in_ms=60_000)
+    new = await field(c, keys.trans, "created_member")
+    assert new != old
+    assert await rstore.claim(3, 10, "w") == []
+    assert await c.zscore(keys.due, old) is None
+    assert await c.zscore(keys.created, old) is None
+    assert await c.zscore(keys.due, new) is not None
+    assert await c.zscore(keys.created, new) is not None
 
 
 async def test_claim_skips_a_live_lease_even_when_its_entry_is_due(rstore: RedisStore) -> None:
@@ -278,22 +323,27 @@ async def test_claim_skips_a_live_lease_even_when_its_entry_is_due(rstore: Redis
     keys = rstore.keys.for_gid(gid)
     await rstore.create(make_trans(gid), due_in_ms=0, owner="w1:1", lease_ms=30_000)
     lease_until = int(await field(c, keys.trans, "lease_until"))
-    await c.zadd(keys.due, {gid: 0})
+    member = await field(c, keys.trans, "created_member")
+    await c.zadd(keys.due, {member: 0})
     assert await rstore.claim(0, 10, "w2") == []
-    assert await c.zscore(keys.due, gid) == lease_until  # looked at again when it ends
+    assert await c.zscore(keys.due, member) == lease_until  # looked at again when it ends
     assert await c.hget(keys.trans, "owner") == "w1:1"
 
 
-async def test_transition_of_a_missing_transaction_drops_its_due_entry(
+async def test_transition_of_a_missing_transaction_leaves_its_entries_to_the_claim(
     rstore: RedisStore,
 ) -> None:
     c = rstore.client
-    keys = rstore.keys.for_gid("gone")
-    await rstore.create(make_trans("gone"), due_in_ms=60_000)
+    gid = "{1}gone"
+    keys = rstore.keys.for_gid(gid)
+    await rstore.create(make_trans(gid), due_in_ms=0)
+    member = await field(c, keys.trans, "created_member")
     await c.delete(keys.trans)
     with pytest.raises(NotFound):
-        await rstore.transition("gone", Transition(SUBMITTED, Status.ABORTING))
-    assert await c.zscore(keys.due, "gone") is None
+        await rstore.transition(gid, Transition(SUBMITTED, Status.ABORTING))
+    assert await rstore.claim(1, 10, "w") == []
+    assert await c.zscore(keys.due, member) is None
+    assert await c.zscore(keys.created, member) is None
 
 
 # -- scripts --------------------------------------------------------------------------------
@@ -332,12 +382,13 @@ async def test_reschedule_during_a_lease_is_honoured_at_release(rstore: RedisSto
     [claimed] = await rstore.claim(rstore.keys.partition("poke-1"), 10, "w")
     # The API asks for an immediate retry while the lease is live: the entry stays put.
     await rstore.transition("poke-1", Transition(SUBMITTED, next_due_ms=0))
-    lease_end = await c.zscore(keys.due, "poke-1")
+    member = await field(c, keys.trans, "created_member")
+    lease_end = await c.zscore(keys.due, member)
     assert lease_end is not None
     # The worker releases, planning to come back in an hour; the request wins.
     result = await rstore.transition("poke-1", Transition(
         SUBMITTED, owner=claimed.token, lease="release", next_due_ms=3_600_000))
-    due = await c.zscore(keys.due, "poke-1")
+    due = await c.zscore(keys.due, member)
     assert due is not None
     assert due <= result.now
     assert await c.hget(keys.trans, "poke") in (None, "")
@@ -345,7 +396,7 @@ async def test_reschedule_during_a_lease_is_honoured_at_release(rstore: RedisSto
     [again] = await rstore.claim(rstore.keys.partition("poke-1"), 10, "w2")
     later = await rstore.transition("poke-1", Transition(
         SUBMITTED, owner=again.token, lease="release", next_due_ms=3_600_000))
-    due = await c.zscore(keys.due, "poke-1")
+    due = await c.zscore(keys.due, member)
     assert due is not None
     assert due >= later.now + 3_500_000
 

@@ -26,7 +26,7 @@ from coordinator.errors import (
     StoreUnavailable,
     raise_for_reply,
 )
-from coordinator.keys import KeySpace
+from coordinator.keys import FINISHED_BAND, KeySpace
 from coordinator.model import Branch, Status, Trans
 from coordinator.store.base import (
     Claimed,
@@ -62,9 +62,11 @@ RETRIED_ERRORS: tuple[type[RedisError], ...] = (RedisConnectionError, RedisTimeo
 RETRIES = 5  # waits of 0.05, 0.1, 0.2, 0.4, 0.5 s: about 1.3 s before giving up
 # Idle connections are pinged before use after this many seconds.
 HEALTH_CHECK_INTERVAL = 10
-# Layout 2 keeps each transaction's branch records in its own hash (keys.py); layout 1
-# kept them in a second hash per transaction.
-LAYOUT = "2"
+# Layout 3 (keys.py): branch records are fields of the transaction hash, and the due
+# index, named by listing members, also holds finished transactions (in its finished
+# band). Layout 1 kept branches in a hash of their own, and 1 and 2 a separate index of
+# finished transactions.
+LAYOUT = "3"
 
 
 def _retry_policy() -> Retry:
@@ -168,12 +170,20 @@ class RedisStore(Store):
             )
 
     async def _upgrade_layout(self) -> None:
-        """Moves the branch hashes of layout 1 into their transaction hashes, once per
-        deployment (a marker records that it is done); each move is one script, so a
-        transaction is never seen half moved and an interrupted start-up resumes."""
+        """Brings data of earlier key layouts to this one, once per deployment (a marker
+        records that it is done). Each step is a script per transaction or per bounded
+        batch, safe to repeat, so an interrupted start-up resumes where it stopped."""
         marker = self.keys.kv("layout")
-        if await self.client.get(marker) == LAYOUT:
+        found = await self.client.get(marker)
+        if found == LAYOUT:
             return
+        if found != "2":
+            await self._move_branch_hashes()
+        await self._fold_expiry_indexes()
+        await self.client.set(marker, LAYOUT)
+
+    async def _move_branch_hashes(self) -> None:
+        """Layout 1 kept a transaction's branch records in a hash of their own."""
         script = self.client.register_script(script_text("migrate_layout"))
         moved = 0
         async for key in self.client.scan_iter(
@@ -181,10 +191,28 @@ class RedisStore(Store):
         ):
             name = key.decode() if isinstance(key, bytes) else key
             moved += int(await script(keys=[name, self.keys.legacy_trans_key(name)]))
-        await self.client.set(marker, LAYOUT)
         if moved:
             log.info("moved the branches of %d transactions into their transaction hashes "
-                     "(key layout %s)", moved, LAYOUT)
+                     "(key layout 2)", moved)
+
+    async def _fold_expiry_indexes(self) -> None:
+        """Layouts 1 and 2 named due entries by the gid and kept finished transactions
+        in an expiry index of their own."""
+        script = self.client.register_script(script_text("migrate_due"))
+        converted = moved = 0
+        for p in range(self.partitions):
+            due, expiry = self.keys.due(p), self.keys.legacy_expiry(p)
+            tp = self.keys.trans_prefix(p)
+            old = [str(m) for m in await self.client.zrange(due, 0, -1)]
+            left = 1
+            while old or left:
+                batch, old = old[:200], old[200:]
+                n, m, left = await script(keys=[due, expiry, *(tp + g for g in batch)],
+                                          args=batch)
+                converted, moved = converted + int(n), moved + int(m)
+        if converted or moved:
+            log.info("renamed %d due entries and moved %d expiry entries into the due "
+                     "indexes (key layout %s)", converted, moved, LAYOUT)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -286,15 +314,15 @@ class RedisStore(Store):
     @_unavailable_as_503
     async def claim(self, partition: int, limit: int, token_prefix: str) -> list[Claimed]:
         # Two steps so that the claim script names every key it touches: peek at the
-        # due gids, then claim them (the script checks each one again).
-        gids = await self._due(self.keys.due(partition), limit)
-        if not gids:
+        # due entries, then claim them (the script checks each one again).
+        members = await self._due(self.keys.due(partition), limit)
+        if not members:
             return []
         tp = self.keys.trans_prefix(partition)
-        keys = [self.keys.due(partition), *(tp + gid for gid in gids)]
+        keys = [*self.keys.partition_keys(partition), *(tp + m[14:] for m in members)]
         started = time.perf_counter()
         reply = await self._batch.call(
-            self.scripts["claim"], keys, [token_prefix, self.lease_ms, *gids], writes=READ
+            self.scripts["claim"], keys, [token_prefix, self.lease_ms, *members], writes=READ
         )
         self.observer.script("claim", time.perf_counter() - started)
         now = int(reply[0])
@@ -312,7 +340,11 @@ class RedisStore(Store):
 
     @_unavailable_as_503
     async def sweep(self, partition: int) -> int:
-        members = await self._due(self.keys.expiry(partition), 500)
+        band = FINISHED_BAND
+        found = await self.client.zrangebyscore(
+            self.keys.due(partition), band, band + _now_ms(), start=0, num=500
+        )
+        members = [str(m) for m in found]
         if not members:
             return 0
         prefix = self.keys.trans_prefix(partition)
