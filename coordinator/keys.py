@@ -25,6 +25,7 @@ BRANCH_FIELD = "branch:"
 # a finished one by FINISHED_BAND + when its hash expires, so that the two never mix:
 # claims look below the band, the sweep inside it. Unfinished scores stay far below (the
 # API bounds every interval to 100 years); band scores stay exact doubles (< 2**53).
+# lua/lib_band.lua holds the same number.
 FINISHED_BAND = 2**50
 
 _EXPLICIT = re.compile(r"\{(\d{1,5})\}")
@@ -88,7 +89,8 @@ class KeySpace:
         return f"{self.prefix}:created:{tag(partition)}"
 
     def legacy_expiry(self, partition: int) -> str:
-        """Layout 2's index of finished transactions, folded into the due index since."""
+        """The index of finished transactions of layouts 1 and 2; the due index's
+        finished band holds them since."""
         return f"{self.prefix}:expiry:{tag(partition)}"
 
     def for_gid(self, gid: str) -> TransKeys:
@@ -102,11 +104,6 @@ class KeySpace:
     def partition_keys(self, partition: int) -> list[str]:
         """KEYS for the per-partition scripts (claim, sweep)."""
         return [self.due(partition), self.created(partition)]
-
-    @staticmethod
-    def branch_field(key: str) -> str:
-        """The transaction-hash field of a branch record; key is "<branch_id>:<op>"."""
-        return BRANCH_FIELD + key
 
     def kv(self, cat: str) -> str:
         """Key-value records (topics); small and global, kept in one slot."""

@@ -14,7 +14,7 @@
 --          previous owner ('' unless a lease that ran out was taken over)}, ...}
 -- An owner or lease_until of '' counts as absent (finished transactions keep them empty).
 
-local FINISHED_BAND = 1125899906842624  -- 2^50, as keys.py
+--!include lib_band.lua
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

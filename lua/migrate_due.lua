@@ -10,7 +10,7 @@
 -- ARGV[k] = a due-index member to convert (a gid)
 -- returns {converted, moved from the expiry index, expiry entries left}
 
-local FINISHED_BAND = 1125899906842624  -- 2^50, as keys.py
+--!include lib_band.lua
 
 local converted = 0
 for k, gid in ipairs(ARGV) do

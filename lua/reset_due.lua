@@ -7,7 +7,7 @@
 -- ARGV[2] = at most this many entries
 -- returns {reset_count, remaining ("1" if more entries beyond the limit qualify)}
 
-local FINISHED_BAND = 1125899906842624  -- 2^50, as keys.py
+--!include lib_band.lua
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -10,7 +10,7 @@
 -- ARGV[k] = member of candidate k ("<13-digit create ms>:<gid>", in both indexes)
 -- returns the number of transactions whose entries were removed
 
-local FINISHED_BAND = 1125899906842624  -- 2^50, as keys.py
+--!include lib_band.lua
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -21,8 +21,7 @@
 --         {"CONFLICT", current_status} or {"LEASE_LOST", current_owner}
 
 --!include lib_expect.lua
-
-local FINISHED_BAND = 1125899906842624  -- 2^50, as keys.py
+--!include lib_band.lua
 
 -- A field set to '' counts as absent: a finished transaction's lease fields are emptied
 -- in the one HSET of its last write instead of deleted by a second command.
@@ -107,8 +106,7 @@ if new == 'succeed' or new == 'failed' then
   redis.call('HSET', KEYS[1], unpack(hset))
   -- The transaction is one key, so all of it expires at the same moment. Its due entry
   -- moves into the finished band, scored by that moment: no claim looks there, and the
-  -- sweep drops it with the listing entry once the moment has passed. Formatted here:
-  -- Redis would pass a band score on with 14 digits.
+  -- sweep drops it with the listing entry once the moment has passed.
   local ttl = tonumber(ARGV[10])
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('ZADD', KEYS[2], string.format('%d', FINISHED_BAND + now + ttl * 1000), member)

@@ -232,7 +232,7 @@ class RedisStore(Store):
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of lua/create.lua for this transaction."""
         keys = self.keys.for_gid(trans.gid)
-        return keys.as_list()[:3], [
+        return keys.as_list(), [
             trans.gid,
             trans.status.value,
             orjson.dumps(trans_fields(trans)).decode(),
