@@ -224,6 +224,26 @@ async def test_start_brings_layout_1_data_to_this_layout(
     assert "moved" not in caplog.text
 
 
+async def test_start_brings_layout_2_due_entries_to_this_layout(
+    store_factory: RedisStoreFactory,
+) -> None:
+    first = await store_factory()
+    c, ks = first.client, first.keys
+    gid = "{0}layout-2"
+    keys = ks.for_gid(gid)
+    await first.create(make_trans(gid), due_in_ms=0)
+    member = await field(c, keys.trans, "created_member")
+    score = await c.zscore(keys.due, member)
+    await c.zrem(keys.due, member)
+    await c.zadd(keys.due, {gid: score or 0})
+    await c.set(ks.kv("layout"), "2")
+    second = await store_factory()
+    assert await c.get(ks.kv("layout")) == "3"
+    assert await c.zscore(keys.due, member) == score
+    assert await c.zscore(keys.due, gid) is None
+    assert [x.trans.gid for x in await second.claim(0, 10, "w")] == [gid]
+
+
 # -- expiry ---------------------------------------------------------------------------------
 
 
