@@ -16,7 +16,20 @@ import re
 import zlib
 from dataclasses import dataclass
 
+# Branch records live in the transaction hash under "branch:<branch_id>:<op>"; no
+# transaction field name contains ':', so the two never clash.
+BRANCH_FIELD = "branch:"
+
+# The due index holds one entry per transaction, its listing member
+# "<13-digit create ms>:<gid>". An unfinished one is scored by when it is next due (ms);
+# a finished one by FINISHED_BAND + when its hash expires, so that the two never mix:
+# claims look below the band, the sweep inside it. Unfinished scores stay far below (the
+# API bounds every interval to 100 years); band scores stay exact doubles (< 2**53).
+# lua/lib_band.lua holds the same number.
+FINISHED_BAND = 2**50
+
 _EXPLICIT = re.compile(r"\{(\d{1,5})\}")
+_GLOB = re.compile(r"[*?\[\]\\]")
 
 
 def partition_of(gid: str, partitions: int) -> int:
@@ -39,13 +52,11 @@ class TransKeys:
     """The keys of one transaction, in the order every transition script takes them."""
 
     trans: str
-    branches: str
     due: str
     created: str
-    expiry: str
 
     def as_list(self) -> list[str]:
-        return [self.trans, self.branches, self.due, self.created, self.expiry]
+        return [self.trans, self.due, self.created]
 
 
 @dataclass(frozen=True)
@@ -62,8 +73,14 @@ class KeySpace:
         """What a transaction key starts with; scripts append the gid."""
         return f"{self.prefix}:trans:{tag(partition)}:"
 
-    def branches_prefix(self, partition: int) -> str:
-        return f"{self.prefix}:branches:{tag(partition)}:"
+    def legacy_branches_pattern(self) -> str:
+        """SCAN pattern of the branch hashes of layout 1, which kept each transaction's
+        branches in a second key; start-up moves them into the transaction hash."""
+        return _GLOB.sub(r"\\\g<0>", self.prefix) + ":branches:*"
+
+    def legacy_trans_key(self, branches_key: str) -> str:
+        """The transaction hash a layout-1 branch hash belongs to (same tag, same gid)."""
+        return f"{self.prefix}:trans:" + branches_key[len(self.prefix) + len(":branches:"):]
 
     def due(self, partition: int) -> str:
         return f"{self.prefix}:due:{tag(partition)}"
@@ -71,22 +88,22 @@ class KeySpace:
     def created(self, partition: int) -> str:
         return f"{self.prefix}:created:{tag(partition)}"
 
-    def expiry(self, partition: int) -> str:
+    def legacy_expiry(self, partition: int) -> str:
+        """The index of finished transactions of layouts 1 and 2; the due index's
+        finished band holds them since."""
         return f"{self.prefix}:expiry:{tag(partition)}"
 
     def for_gid(self, gid: str) -> TransKeys:
         p = self.partition(gid)
         return TransKeys(
             trans=self.trans_prefix(p) + gid,
-            branches=self.branches_prefix(p) + gid,
             due=self.due(p),
             created=self.created(p),
-            expiry=self.expiry(p),
         )
 
     def partition_keys(self, partition: int) -> list[str]:
         """KEYS for the per-partition scripts (claim, sweep)."""
-        return [self.due(partition), self.created(partition), self.expiry(partition)]
+        return [self.due(partition), self.created(partition)]
 
     def kv(self, cat: str) -> str:
         """Key-value records (topics); small and global, kept in one slot."""

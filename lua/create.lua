@@ -1,14 +1,13 @@
 -- create
 -- Store a new global transaction with its branches, unless the gid is taken.
--- KEYS[1] = transaction hash        <prefix>:trans:{pN}:<gid>
--- KEYS[2] = branches hash           <prefix>:branches:{pN}:<gid>
--- KEYS[3] = due index (zset)        <prefix>:due:{pN}
--- KEYS[4] = listing index (zset)    <prefix>:created:{pN}
+-- KEYS[1] = transaction hash        <prefix>:trans:{pN}:<gid> (branches are its fields)
+-- KEYS[2] = due index (zset)        <prefix>:due:{pN}, member = the listing member
+-- KEYS[3] = listing index (zset)    <prefix>:created:{pN}
 -- ARGV[1] = gid
 -- ARGV[2] = status to create with (prepared | submitted)
 -- ARGV[3] = JSON object of further string fields for the transaction hash
 -- ARGV[4] = the branches in layout order, two lines each: the field name
---           "<branch_id>:<op>", then its JSON record (with "seq") cut off right after
+--           "branch:<branch_id>:<op>", then its JSON record (with "seq") cut off right after
 --           '"create_time":"', which the script completes with the time it reads
 --           (create_time and update_time)
 -- ARGV[5] = ms from now until the transaction is first due

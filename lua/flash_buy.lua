@@ -3,11 +3,10 @@
 -- two-phase message's barrier, and create the message as submitted, so that the
 -- coordinator creates the order. A sold-out request costs this one call and nothing else.
 -- KEYS[1] = transaction hash        (as create.lua)
--- KEYS[2] = branches hash           (as create.lua)
--- KEYS[3] = due index               (as create.lua)
--- KEYS[4] = listing index           (as create.lua)
--- KEYS[5] = stock counter           e.g. flash:stock:{pN}:<item>, same slot as KEYS[1]
--- KEYS[6] = barrier of the message  flash:barrier:{pN}:<gid>-00-msg-01
+-- KEYS[2] = due index               (as create.lua)
+-- KEYS[3] = listing index           (as create.lua)
+-- KEYS[4] = stock counter           e.g. flash:stock:{pN}:<item>, same slot as KEYS[1]
+-- KEYS[5] = barrier of the message  flash:barrier:{pN}:<gid>-00-msg-01
 -- ARGV[1..7] = as create.lua (gid, "submitted", fields, branches, due ms, owner, lease ms)
 -- ARGV[8] = units to buy
 -- ARGV[9] = seconds to keep the barrier record
@@ -16,7 +15,7 @@
 --!include lib_create.lua
 
 local amount = tonumber(ARGV[8])
-local stock = tonumber(redis.call('GET', KEYS[5]) or '0')
+local stock = tonumber(redis.call('GET', KEYS[4]) or '0')
 if stock < amount then
   return {'SOLD_OUT', stock}
 end
@@ -24,8 +23,8 @@ local created = create_transaction(KEYS, ARGV)
 if created[1] ~= 'OK' then
   return created
 end
-redis.call('DECRBY', KEYS[5], amount)
+redis.call('DECRBY', KEYS[4], amount)
 -- The local transaction (the deduction) is committed together with the message, so a
 -- back-check, should one ever be needed, finds the barrier and answers success.
-redis.call('SET', KEYS[6], 'committed', 'EX', tonumber(ARGV[9]))
+redis.call('SET', KEYS[5], 'committed', 'EX', tonumber(ARGV[9]))
 return {'OK', created[2], stock - amount}

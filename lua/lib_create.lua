@@ -38,28 +38,28 @@ local function create_transaction(K, A)
   end
 
   -- The listing index orders by creation time, then gid; members are unique per gid.
+  -- The due index uses the same member, so that one entry of it can find the other.
   local member = string.format('%013d', now) .. ':' .. A[1]
   hset[#hset + 1] = 'created_member'
   hset[#hset + 1] = member
-  redis.call('HSET', K[1], unpack(hset))
 
   -- Each record arrives as JSON cut off where the creation time goes (see the header):
-  -- completing the text costs far less than decoding and encoding every record.
+  -- completing the text costs far less than decoding and encoding every record. The
+  -- branches are fields of the same hash, so one write stores everything: each
+  -- redis.call has a fixed cost of its own.
   local ends = snow .. '","update_time":"' .. snow .. '"}'
-  local bset = {}
+  local odd = true
   for line in string.gmatch(A[4], '[^\n]+') do
-    if #bset % 2 == 0 then
-      bset[#bset + 1] = line
+    if odd then
+      hset[#hset + 1] = line
     else
-      bset[#bset + 1] = line .. ends
+      hset[#hset + 1] = line .. ends
     end
+    odd = not odd
   end
-  if #bset > 0 then
-    -- One write for all branches: each redis.call has a fixed cost of its own.
-    redis.call('HSET', K[2], unpack(bset))
-  end
+  redis.call('HSET', K[1], unpack(hset))
 
-  redis.call('ZADD', K[3], score, A[1])
-  redis.call('ZADD', K[4], 0, member)
+  redis.call('ZADD', K[2], score, member)
+  redis.call('ZADD', K[3], 0, member)
   return {'OK', snow}
 end

@@ -1,7 +1,7 @@
 -- load
--- Read a transaction and its branches as one consistent snapshot.
+-- Read a transaction with its branches (fields of the same hash) in one snapshot.
 -- KEYS[1] = transaction hash
--- KEYS[2] = branches hash
--- returns {{trans field, value, ...}, {branch key, json, ...}} (empty lists if absent)
+-- returns {field, value, ...}: transaction and "branch:<branch_id>:<op>" fields (empty
+--         if absent)
 
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+return redis.call('HGETALL', KEYS[1])

@@ -1,7 +1,6 @@
 -- register
 -- Add branches to a prepared transaction (tcc, xa and workflow register them at run time).
--- KEYS[1] = transaction hash
--- KEYS[2] = branches hash
+-- KEYS[1] = transaction hash; each branch is its field "branch:<branch_id>:<op>"
 -- ARGV[1] = gid
 -- ARGV[2] = expected statuses, comma separated (normally "prepared")
 -- ARGV[3] = JSON list of branch objects (branch_id, op, url, status, data)
@@ -22,11 +21,22 @@ if not status_in(ARGV[2], status) then
   return {'CONFLICT', status}
 end
 
+-- One read of the field names answers both which branches exist and how many there are
+-- (the next seq); HKEYS costs one call where a check per branch costs one each.
+local known = {}
+local seq = 0
+for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(name, 1, 7) == 'branch:' then
+    known[name] = true
+    seq = seq + 1
+  end
+end
+
 local branches = cjson.decode(ARGV[3])
 if ARGV[4] == 'unique' then
   for _, b in ipairs(branches) do
     local field = b['branch_id'] .. ':' .. b['op']
-    if redis.call('HEXISTS', KEYS[2], field) == 1 then
+    if known['branch:' .. field] then
       return {'DUPLICATE', field}
     end
   end
@@ -35,11 +45,12 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local snow = string.format('%d', now)
-local seq = redis.call('HLEN', KEYS[2])
 local added = 0
+local hset = {'update_time', snow}
 for _, b in ipairs(branches) do
-  local field = b['branch_id'] .. ':' .. b['op']
-  if redis.call('HEXISTS', KEYS[2], field) == 0 then
+  local field = 'branch:' .. b['branch_id'] .. ':' .. b['op']
+  if not known[field] then
+    known[field] = true  -- a branch named twice in one call is added once
     seq = seq + 1
     added = added + 1
     b['seq'] = seq
@@ -48,8 +59,9 @@ for _, b in ipairs(branches) do
     if b['status'] ~= 'prepared' then
       b['finish_time'] = snow
     end
-    redis.call('HSET', KEYS[2], field, cjson.encode(b))
+    hset[#hset + 1] = field
+    hset[#hset + 1] = cjson.encode(b)
   end
 end
-redis.call('HSET', KEYS[1], 'update_time', snow)
+redis.call('HSET', KEYS[1], unpack(hset))
 return {'OK', snow, added}

@@ -1,11 +1,11 @@
 -- transition
 -- Compare-and-set a transaction: check its status (and lease owner), then apply branch
 -- results, field changes and an optional new status, and reschedule or finish it.
--- KEYS[1] = transaction hash
--- KEYS[2] = branches hash
--- KEYS[3] = due index (zset)
--- KEYS[4] = listing index (zset)
--- KEYS[5] = expiry index (zset)
+-- KEYS[1] = transaction hash (its "branch:<branch_id>:<op>" fields are the branches)
+-- KEYS[2] = due index (zset): member = the listing member ("created_member"), score =
+--           ms when next due, or for a finished transaction FINISHED_BAND (keys.py) +
+--           ms when its hash expires
+-- KEYS[3] = listing index (zset)
 -- ARGV[1] = gid
 -- ARGV[2] = expected statuses, comma separated
 -- ARGV[3] = owner token the caller must hold, or "" (API calls hold no lease)
@@ -21,32 +21,19 @@
 --         {"CONFLICT", current_status} or {"LEASE_LOST", current_owner}
 
 --!include lib_expect.lua
+--!include lib_band.lua
 
--- One read of the fields this script decides on, and at most one HSET and one HDEL per
--- hash at the end: every redis.call costs more than the command itself.
-local cur = redis.call('HMGET', KEYS[1], 'status', 'owner', 'lease_until', 'created_member',
-  'poke')
-local status = cur[1]
-if not status then
-  -- No index entry may outlive its transaction.
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  return {'NOT_FOUND'}
+-- A field set to '' counts as absent: a finished transaction's lease fields are emptied
+-- in the one HSET of its last write instead of deleted by a second command.
+local function present(v)
+  if v and v ~= '' then
+    return v
+  end
+  return nil
 end
 
-if not status_in(ARGV[2], status) then
-  return {'CONFLICT', status}
-end
-
-local owner = cur[2] or ''
-if ARGV[3] ~= '' and owner ~= ARGV[3] then
-  return {'LEASE_LOST', owner}
-end
-
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local snow = string.format('%d', now)
-
--- Branch results: read the records to change in one HMGET, write them in one HSET.
+-- One read of the fields this script decides on and of the branch records it changes,
+-- and one HSET at the end: every redis.call costs more than the command itself.
 local updates = {}
 local bkeys = {}
 if ARGV[6] ~= '{}' then
@@ -55,31 +42,53 @@ if ARGV[6] ~= '{}' then
     bkeys[#bkeys + 1] = key
   end
 end
-if #bkeys > 0 then
-  local raws = redis.call('HMGET', KEYS[2], unpack(bkeys))
-  local bset = {}
-  for i, key in ipairs(bkeys) do
-    if raws[i] then
-      local b = cjson.decode(raws[i])
-      b['status'] = updates[key]
-      b['update_time'] = snow
-      if updates[key] ~= 'prepared' then
-        b['finish_time'] = snow
-      end
-      bset[#bset + 1] = key
-      bset[#bset + 1] = cjson.encode(b)
-    end
-  end
-  if #bset > 0 then
-    redis.call('HSET', KEYS[2], unpack(bset))
-  end
+local fields = {'status', 'owner', 'lease_until', 'created_member', 'poke'}
+for i, key in ipairs(bkeys) do
+  fields[5 + i] = 'branch:' .. key
 end
+local cur = redis.call('HMGET', KEYS[1], unpack(fields))
+local status = cur[1]
+if not status then
+  -- Its index entries, if any, name it by a member this script cannot know; the claim
+  -- and the sweep drop them once they come round.
+  return {'NOT_FOUND'}
+end
+local member = cur[4] or ARGV[1]
+
+if not status_in(ARGV[2], status) then
+  return {'CONFLICT', status}
+end
+
+local owner = present(cur[2]) or ''
+if ARGV[3] ~= '' and owner ~= ARGV[3] then
+  return {'LEASE_LOST', owner}
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local snow = string.format('%d', now)
 
 local new = status
 if ARGV[4] ~= '' then
   new = ARGV[4]
 end
 local hset = {'status', new, 'update_time', snow}
+
+-- Branch results; a record that is not there is not created.
+for i, key in ipairs(bkeys) do
+  local raw = cur[5 + i]
+  if raw then
+    local b = cjson.decode(raw)
+    b['status'] = updates[key]
+    b['update_time'] = snow
+    if updates[key] ~= 'prepared' then
+      b['finish_time'] = snow
+    end
+    hset[#hset + 1] = fields[5 + i]
+    hset[#hset + 1] = cjson.encode(b)
+  end
+end
+
 if ARGV[5] ~= '{}' then  -- most transitions set no further field: skip the decoding
   for k, v in pairs(cjson.decode(ARGV[5])) do
     hset[#hset + 1] = k
@@ -90,24 +99,24 @@ end
 if new == 'succeed' or new == 'failed' then
   hset[#hset + 1] = (new == 'succeed') and 'finish_time' or 'rollback_time'
   hset[#hset + 1] = snow
+  for _, name in ipairs({'owner', 'lease_until', 'next_cron_time', 'poke'}) do
+    hset[#hset + 1] = name
+    hset[#hset + 1] = ''
+  end
   redis.call('HSET', KEYS[1], unpack(hset))
-  redis.call('HDEL', KEYS[1], 'owner', 'lease_until', 'next_cron_time', 'poke')
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  -- Every key of the transaction expires at the same moment, set here in one script.
+  -- The transaction is one key, so all of it expires at the same moment. Its due entry
+  -- moves into the finished band, scored by that moment: no claim looks there, and the
+  -- sweep drops it with the listing entry once the moment has passed.
   local ttl = tonumber(ARGV[10])
   redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  if cur[4] then
-    redis.call('ZADD', KEYS[5], now + ttl * 1000, cur[4])
-  end
+  redis.call('ZADD', KEYS[2], string.format('%d', FINISHED_BAND + now + ttl * 1000), member)
   return {'OK', new, snow, '0'}
 end
 
 local lease_ms = tonumber(ARGV[9])
 local mode = ARGV[8]
 local acquired = '0'
-local lease_until = tonumber(cur[3] or '0')
-local hdel = {}
+local lease_until = tonumber(present(cur[3]) or '0')
 local next_due = nil
 if ARGV[7] ~= '' then
   next_due = now + tonumber(ARGV[7])
@@ -117,17 +126,19 @@ if mode == 'renew' then
   local until_ms = now + lease_ms
   hset[#hset + 1] = 'lease_until'
   hset[#hset + 1] = string.format('%d', until_ms)
-  redis.call('ZADD', KEYS[3], until_ms, ARGV[1])
+  redis.call('ZADD', KEYS[2], until_ms, member)
 elseif mode == 'release' then
   -- A reschedule asked for while we held the lease (resetNextCronTime) wins over ours.
-  if cur[5] then
+  if present(cur[5]) then
     next_due = now
-    hdel[#hdel + 1] = 'poke'
   end
-  hdel[#hdel + 1] = 'owner'
-  hdel[#hdel + 1] = 'lease_until'
+  -- Emptied, not deleted: the one HSET below is the script's only write to the hash.
+  for _, name in ipairs({'owner', 'lease_until', 'poke'}) do
+    hset[#hset + 1] = name
+    hset[#hset + 1] = ''
+  end
   next_due = next_due or now
-  redis.call('ZADD', KEYS[3], next_due, ARGV[1])
+  redis.call('ZADD', KEYS[2], next_due, member)
 elseif string.sub(mode, 1, 8) == 'acquire:' then
   if owner == '' or lease_until <= now then
     local until_ms = now + lease_ms
@@ -135,7 +146,7 @@ elseif string.sub(mode, 1, 8) == 'acquire:' then
     hset[#hset + 1] = string.sub(mode, 9)
     hset[#hset + 1] = 'lease_until'
     hset[#hset + 1] = string.format('%d', until_ms)
-    redis.call('ZADD', KEYS[3], until_ms, ARGV[1])
+    redis.call('ZADD', KEYS[2], until_ms, member)
     acquired = '1'
   else
     -- The holder works from the old status; its release must bring this one forward.
@@ -146,7 +157,7 @@ elseif next_due then
   -- An API call with no lease: reschedule, unless a live lease already owns the entry;
   -- then leave a note that the owner's release honours.
   if owner == '' or lease_until <= now then
-    redis.call('ZADD', KEYS[3], next_due, ARGV[1])
+    redis.call('ZADD', KEYS[2], next_due, member)
   else
     hset[#hset + 1] = 'poke'
     hset[#hset + 1] = '1'
@@ -157,7 +168,4 @@ if next_due then
   hset[#hset + 1] = string.format('%d', next_due)
 end
 redis.call('HSET', KEYS[1], unpack(hset))
-if #hdel > 0 then
-  redis.call('HDEL', KEYS[1], unpack(hdel))
-end
 return {'OK', new, snow, acquired}

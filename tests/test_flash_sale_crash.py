@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from coordinator.keys import KeySpace, tag
+from coordinator.keys import FINISHED_BAND, KeySpace, tag
 from tests.support import ROOT, CoordinatorProcess, free_port, wait_for
 
 PARTITION = 3
@@ -114,7 +114,8 @@ async def test_orders_equal_units_sold_across_kills(
         due = KeySpace(prefix, 16).due(PARTITION)
 
         async def settled() -> bool:
-            return await client.zcard(due) == 0 and await client.hlen(orders_key) == STOCK
+            unfinished = await client.zcount(due, "-inf", f"({FINISHED_BAND}")
+            return unfinished == 0 and await client.hlen(orders_key) == STOCK
 
         await wait_for(settled, 45, 0.2, "every purchase delivered")
         orders = await client.hgetall(orders_key)

@@ -316,7 +316,7 @@ async def test_an_unreadable_status_or_branch_record_is_shown_raw_not_a_500(
     client: Any = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
         await client.hset(keys.for_gid(gids[0]).trans, "status", "bogus")
-        await client.hset(keys.for_gid(gids[1]).branches, "01:action", "{not json")
+        await client.hset(keys.for_gid(gids[1]).trans, "branch:01:action", "{not json")
     finally:
         await client.aclose()
     status, reply = await api.get("query", gid=gids[0])

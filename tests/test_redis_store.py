@@ -13,21 +13,22 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import fakeredis
 import pytest
 import redis.asyncio as aioredis
 from fakeredis import aioredis as fake_aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from coordinator.errors import NotFound, PartitionMismatch
-from coordinator.keys import KeySpace, partition_of, tag
+from coordinator.keys import FINISHED_BAND, KeySpace, partition_of, tag
 from coordinator.model import Status
 from coordinator.store.base import ListFilter, Transition
 from coordinator.store.cluster import parse_seeds
 from coordinator.store.redis_store import RedisStore
-from coordinator.store.scripts import SCRIPT_NAMES
+from coordinator.store.scripts import SCRIPT_NAMES, script_text
 from tests.cluster_support import RedisClusterProcess
 from tests.store_contract import *  # noqa: F403
 from tests.store_contract import SUBMITTED, in_partition, make_trans
@@ -95,7 +96,7 @@ async def rstore(store_factory: RedisStoreFactory) -> RedisStore:
     return await store_factory()
 
 
-async def field(client: aioredis.Redis, key: str, name: str) -> str:
+async def field(client: aioredis.Redis | RedisCluster, key: str, name: str) -> str:
     """One field of a hash, which must exist (clients decode responses)."""
     value = await client.hget(key, name)
     assert isinstance(value, str), f"{key} has no field {name}"
@@ -110,12 +111,10 @@ def test_keyspace_layout() -> None:
     keys = ks.for_gid("{2}order-7")
     assert keys.as_list() == [
         "coord:trans:{p2}:{2}order-7",
-        "coord:branches:{p2}:{2}order-7",
         "coord:due:{p2}",
         "coord:created:{p2}",
-        "coord:expiry:{p2}",
     ]
-    assert ks.partition_keys(2) == keys.as_list()[2:]
+    assert ks.partition_keys(2) == keys.as_list()[1:]
     assert tag(2) == "{p2}"
     assert len({key_slot(k.encode()) for k in keys.as_list()}) == 1
     # An explicit tag beyond the partition count falls back to the hash.
@@ -134,17 +133,118 @@ async def test_stored_keys_follow_the_keyspace(rstore: RedisStore) -> None:
     await rstore.transition(gid, Transition(SUBMITTED, Status.SUCCEED))
     # Besides the deployment's record of its partition count, written at start.
     names = [k async for k in rstore.client.scan_iter(match=f"{ks.prefix}:*")
-             if k != ks.kv("partitions")]
+             if k not in (ks.kv("partitions"), ks.kv("layout"))]
     keys = ks.for_gid(gid)
-    # The due entry is gone once finished; every other key of the gid exists.
-    assert sorted(names) == sorted([keys.trans, keys.branches, keys.created, keys.expiry])
+    assert sorted(names) == sorted([keys.trans, keys.due, keys.created])
     assert all(tag(2) in name for name in names)
     assert len({key_slot(n.encode()) for n in names}) == 1
     assert await rstore.client.hget(keys.trans, "gid") == gid
-    assert await rstore.client.hexists(keys.branches, "01:action")
+    assert await rstore.client.hexists(keys.trans, "branch:01:action")
     member = await field(rstore.client, keys.trans, "created_member")
     assert await rstore.client.zscore(keys.created, member) is not None
-    assert await rstore.client.zscore(keys.expiry, member) is not None
+    # Finished: its due entry, named by the same member, is in the finished band.
+    assert (await rstore.client.zscore(keys.due, member) or 0) >= FINISHED_BAND
+
+
+def test_the_scripts_use_the_finished_band_of_keys_py() -> None:
+    assert f"local FINISHED_BAND = {FINISHED_BAND}\n" in script_text("transition")
+
+
+# -- upgrade from layout 1 -------------------------------------------------------------------
+
+
+async def _to_layout_1(store: RedisStore, gid: str) -> dict[str, str]:
+    """Rewrites a stored transaction as version 1 kept it: its branch records in a
+    second hash, its due entry named by the gid, or when finished an entry in the
+    partition's expiry index instead; returns the branch records."""
+    c: Any = store.client  # decodes responses
+    keys = store.keys.for_gid(gid)
+    fields: dict[str, str] = await c.hgetall(keys.trans)
+    old = {k[len("branch:"):]: v for k, v in fields.items() if k.startswith("branch:")}
+    await c.hdel(keys.trans, *(f"branch:{k}" for k in old))
+    await c.hset(keys.trans.replace(":trans:", ":branches:", 1), mapping=old)
+    member = fields["created_member"]
+    score = await c.zscore(keys.due, member)
+    await c.zrem(keys.due, member)
+    if score >= FINISHED_BAND:
+        expiry = store.keys.legacy_expiry(store.keys.partition(gid))
+        await c.zadd(expiry, {member: score - FINISHED_BAND})
+    else:
+        await c.zadd(keys.due, {gid: score})
+    return old
+
+
+async def test_start_brings_layout_1_data_to_this_layout(
+    store_factory: RedisStoreFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = await store_factory(finished_ttl_s=3_600)
+    c, ks = first.client, first.keys
+    assert await c.get(ks.kv("layout")) == "3"
+    running, finished, orphan = "{1}old-running", "{2}old-finished", "{3}old-orphan"
+    await first.create(make_trans(running), due_in_ms=0)
+    await first.create(make_trans(finished), due_in_ms=60_000)
+    await first.transition(finished, Transition(SUBMITTED, Status.SUCCEED))
+    ttl = await c.pttl(ks.for_gid(finished).trans)
+    scores = {}
+    for gid in (running, finished):
+        keys = ks.for_gid(gid)
+        scores[gid] = await c.zscore(keys.due, await field(c, keys.trans, "created_member"))
+    records = {gid: await _to_layout_1(first, gid) for gid in (running, finished)}
+    assert all(records.values())
+    # A branch hash whose transaction is gone, and a deployment without the marker.
+    await c.hset(f"{ks.prefix}:branches:{tag(3)}:{orphan}", "01:action", "{}")
+    await c.delete(ks.kv("layout"))
+    before = await first.load(running)
+    assert before is not None
+    assert before.branches == ()
+
+    with caplog.at_level("INFO", logger="coordinator.store"):
+        second = await store_factory(finished_ttl_s=3_600)
+    assert "moved the branches of 2 transactions" in caplog.text
+    assert "renamed 1 due entries and moved 1 expiry entries" in caplog.text
+    assert await c.get(ks.kv("layout")) == "3"
+    assert not await c.exists(ks.legacy_expiry(2))
+    assert [k async for k in c.scan_iter(match=ks.legacy_branches_pattern())] == []
+    for gid, old in records.items():
+        fields = await c.hgetall(ks.for_gid(gid).trans)
+        assert {k: fields[f"branch:{k}"] for k in old} == old
+        member = fields["created_member"]
+        assert await c.zscore(ks.due(ks.partition(gid)), member) == scores[gid]
+        assert await c.zscore(ks.due(ks.partition(gid)), gid) is None
+        loaded = await second.load(gid)
+        assert loaded is not None
+        assert [b.key for b in loaded.branches] == [b.key for b in make_trans(gid).branches]
+    assert 0 < ttl - await c.pttl(ks.for_gid(finished).trans) < 5_000  # its TTL is kept
+    assert await c.ttl(ks.for_gid(running).trans) == -1
+    # The moved transaction goes on as before.
+    [claimed] = await second.claim(1, 10, "w")
+    assert claimed.trans.gid == running
+    await second.transition(running, Transition(SUBMITTED, Status.SUCCEED, owner=claimed.token))
+    # A later start finds the marker and scans nothing.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="coordinator.store"):
+        await store_factory()
+    assert "moved" not in caplog.text
+
+
+async def test_start_brings_layout_2_due_entries_to_this_layout(
+    store_factory: RedisStoreFactory,
+) -> None:
+    first = await store_factory()
+    c, ks = first.client, first.keys
+    gid = "{0}layout-2"
+    keys = ks.for_gid(gid)
+    await first.create(make_trans(gid), due_in_ms=0)
+    member = await field(c, keys.trans, "created_member")
+    score = await c.zscore(keys.due, member)
+    await c.zrem(keys.due, member)
+    await c.zadd(keys.due, {gid: score or 0})
+    await c.set(ks.kv("layout"), "2")
+    second = await store_factory()
+    assert await c.get(ks.kv("layout")) == "3"
+    assert await c.zscore(keys.due, member) == score
+    assert await c.zscore(keys.due, gid) is None
+    assert [x.trans.gid for x in await second.claim(0, 10, "w")] == [gid]
 
 
 # -- expiry ---------------------------------------------------------------------------------
@@ -158,16 +258,24 @@ async def test_finished_keys_share_one_ttl(store_factory: RedisStoreFactory) -> 
     await store.transition("ttl-1", Transition(SUBMITTED, Status.ABORTING, next_due_ms=10))
     # Unfinished transactions never expire.
     assert await c.ttl(keys.trans) == -1
-    assert await c.ttl(keys.branches) == -1
-    assert await c.zscore(keys.due, "ttl-1") is not None
+    member = await field(c, keys.trans, "created_member")
+    assert 0 < (await c.zscore(keys.due, member) or 0) < FINISHED_BAND
     result = await store.transition("ttl-1", Transition(frozenset({Status.ABORTING}),
                                                         Status.FAILED))
-    trans_ms, branches_ms = await c.pttl(keys.trans), await c.pttl(keys.branches)
+    trans_ms = await c.pttl(keys.trans)
     assert 3_600_000 - 2_000 < trans_ms <= 3_600_000
-    assert abs(trans_ms - branches_ms) <= 1_000
-    assert await c.zscore(keys.due, "ttl-1") is None
-    member = await field(c, keys.trans, "created_member")
-    assert await c.zscore(keys.expiry, member) == result.now + 3_600_000
+    # The lease fields are emptied, not deleted; they read as absent.
+    assert await c.hmget(keys.trans, "owner", "lease_until", "next_cron_time", "poke") == [
+        "", "", "", ""]
+    loaded = await store.load("ttl-1")
+    assert loaded is not None
+    assert (loaded.owner, loaded.next_cron_time) == ("", 0)
+    assert await c.zscore(keys.due, member) == FINISHED_BAND + result.now + 3_600_000
+    # Nothing to claim, nothing to bring forward; the sweep has nothing yet either.
+    assert await store.claim(store.keys.partition("ttl-1"), 10, "w") == []
+    assert await store.reset_due(store.keys.partition("ttl-1"), 0, 10) == (0, False)
+    assert await store.sweep(store.keys.partition("ttl-1")) == 0
+    assert await c.zscore(keys.due, member) == FINISHED_BAND + result.now + 3_600_000
 
 
 async def test_sweep_drops_index_entries(store_factory: RedisStoreFactory) -> None:
@@ -179,8 +287,10 @@ async def test_sweep_drops_index_entries(store_factory: RedisStoreFactory) -> No
     member = await field(c, keys.trans, "created_member")
     await store.transition(gid, Transition(SUBMITTED, Status.SUCCEED))
     await asyncio.sleep(1.2)
-    assert not await c.exists(keys.trans, keys.branches)
+    assert not await c.exists(keys.trans)
     assert await c.zscore(keys.created, member) is not None  # until the sweeper runs
+    assert await c.zscore(keys.due, member) is not None
+    assert await store.claim(1, 10, "w") == []  # claims leave the finished band alone
     # The gid is used again before the sweeper runs: the listing shows it once, and the
     # sweep drops only the old entry.
     await store.create(make_trans(gid), due_in_ms=60_000)
@@ -191,9 +301,9 @@ async def test_sweep_drops_index_entries(store_factory: RedisStoreFactory) -> No
     assert await store.sweep(1) == 1
     assert await store.sweep(1) == 0
     assert await c.zscore(keys.created, member) is None
-    assert await c.zscore(keys.expiry, member) is None
+    assert await c.zscore(keys.due, member) is None
     assert await c.zscore(keys.created, new_member) is not None
-    assert await c.zscore(keys.due, gid) is not None
+    assert await c.zscore(keys.due, new_member) is not None
     page = await store.list("", 10, ListFilter())
     assert [t.gid for t in page.transactions] == [gid]
 
@@ -206,11 +316,31 @@ async def test_claim_drops_due_entries_of_missing_transactions(rstore: RedisStor
     gid = "{3}vanished"
     keys = rstore.keys.for_gid(gid)
     await rstore.create(make_trans(gid), due_in_ms=0)
+    member = await field(c, keys.trans, "created_member")
     await rstore.create(make_trans("{3}present"), due_in_ms=0)
-    await c.delete(keys.trans, keys.branches)
+    await c.delete(keys.trans)
     claimed = await rstore.claim(3, 10, "w")
     assert [x.trans.gid for x in claimed] == ["{3}present"]
-    assert await c.zscore(keys.due, gid) is None
+    assert await c.zscore(keys.due, member) is None
+    assert await c.zscore(keys.created, member) is None
+
+
+async def test_claim_drops_due_entries_of_a_reused_gid(rstore: RedisStore) -> None:
+    c = rstore.client
+    gid = "{3}reused"
+    keys = rstore.keys.for_gid(gid)
+    await rstore.create(make_trans(gid), due_in_ms=0)
+    old = await field(c, keys.trans, "created_member")
+    await c.delete(keys.trans)  # as if expired (an unfinished one never does)
+    await asyncio.sleep(0.002)
+    await rstore.create(make_trans(gid), due_in_ms=60_000)
+    new = await field(c, keys.trans, "created_member")
+    assert new != old
+    assert await rstore.claim(3, 10, "w") == []
+    assert await c.zscore(keys.due, old) is None
+    assert await c.zscore(keys.created, old) is None
+    assert await c.zscore(keys.due, new) is not None
+    assert await c.zscore(keys.created, new) is not None
 
 
 async def test_due_partitions_names_exactly_the_partitions_with_due_work(
@@ -232,22 +362,27 @@ async def test_claim_skips_a_live_lease_even_when_its_entry_is_due(rstore: Redis
     keys = rstore.keys.for_gid(gid)
     await rstore.create(make_trans(gid), due_in_ms=0, owner="w1:1", lease_ms=30_000)
     lease_until = int(await field(c, keys.trans, "lease_until"))
-    await c.zadd(keys.due, {gid: 0})
+    member = await field(c, keys.trans, "created_member")
+    await c.zadd(keys.due, {member: 0})
     assert await rstore.claim(0, 10, "w2") == []
-    assert await c.zscore(keys.due, gid) == lease_until  # looked at again when it ends
+    assert await c.zscore(keys.due, member) == lease_until  # looked at again when it ends
     assert await c.hget(keys.trans, "owner") == "w1:1"
 
 
-async def test_transition_of_a_missing_transaction_drops_its_due_entry(
+async def test_transition_of_a_missing_transaction_leaves_its_entries_to_the_claim(
     rstore: RedisStore,
 ) -> None:
     c = rstore.client
-    keys = rstore.keys.for_gid("gone")
-    await rstore.create(make_trans("gone"), due_in_ms=60_000)
-    await c.delete(keys.trans, keys.branches)
+    gid = "{1}gone"
+    keys = rstore.keys.for_gid(gid)
+    await rstore.create(make_trans(gid), due_in_ms=0)
+    member = await field(c, keys.trans, "created_member")
+    await c.delete(keys.trans)
     with pytest.raises(NotFound):
-        await rstore.transition("gone", Transition(SUBMITTED, Status.ABORTING))
-    assert await c.zscore(keys.due, "gone") is None
+        await rstore.transition(gid, Transition(SUBMITTED, Status.ABORTING))
+    assert await rstore.claim(1, 10, "w") == []
+    assert await c.zscore(keys.due, member) is None
+    assert await c.zscore(keys.created, member) is None
 
 
 # -- scripts --------------------------------------------------------------------------------
@@ -290,20 +425,21 @@ async def test_reschedule_during_a_lease_is_honoured_at_release(rstore: RedisSto
     [claimed] = await rstore.claim(rstore.keys.partition("poke-1"), 10, "w")
     # The API asks for an immediate retry while the lease is live: the entry stays put.
     await rstore.transition("poke-1", Transition(SUBMITTED, next_due_ms=0))
-    lease_end = await c.zscore(keys.due, "poke-1")
+    member = await field(c, keys.trans, "created_member")
+    lease_end = await c.zscore(keys.due, member)
     assert lease_end is not None
     # The worker releases, planning to come back in an hour; the request wins.
     result = await rstore.transition("poke-1", Transition(
         SUBMITTED, owner=claimed.token, lease="release", next_due_ms=3_600_000))
-    due = await c.zscore(keys.due, "poke-1")
+    due = await c.zscore(keys.due, member)
     assert due is not None
     assert due <= result.now
-    assert await c.hget(keys.trans, "poke") is None
+    assert await c.hget(keys.trans, "poke") in (None, "")
     # Without a request, a release keeps the worker's own schedule.
     [again] = await rstore.claim(rstore.keys.partition("poke-1"), 10, "w2")
     later = await rstore.transition("poke-1", Transition(
         SUBMITTED, owner=again.token, lease="release", next_due_ms=3_600_000))
-    due = await c.zscore(keys.due, "poke-1")
+    due = await c.zscore(keys.due, member)
     assert due is not None
     assert due >= later.now + 3_500_000
 

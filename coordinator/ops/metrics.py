@@ -43,6 +43,7 @@ from prometheus_client import (
 )
 
 from coordinator import __version__
+from coordinator.keys import FINISHED_BAND
 from coordinator.machines.base import Outcome, OutcomeKind
 from coordinator.model import UNFINISHED, Status, Trans
 from coordinator.observer import Observer
@@ -364,7 +365,8 @@ class Refresher:
             for p in partitions:
                 pipe.zcount(keys.due(p), "-inf", now_ms)
                 pipe.zrangebyscore(keys.due(p), "-inf", now_ms, start=0, num=1, withscores=True)
-                pipe.zrange(keys.due(p), 0, STATUS_SAMPLE - 1)
+                pipe.zrangebyscore(keys.due(p), "-inf", f"({FINISHED_BAND}", start=0,
+                                   num=STATUS_SAMPLE)
             replies = await pipe.execute()
         samples: list[tuple[int, str]] = []
         for p in partitions:
@@ -372,7 +374,8 @@ class Refresher:
             m.due_backlog.labels(str(p)).set(count)
             age = (now_ms - oldest[0][1]) / 1000 if oldest else 0.0
             m.oldest_due_age.labels(str(p)).set(max(0.0, age))
-            samples += [(p, g) for g in members]
+            # Due entries are listing members, "<13-digit create ms>:<gid>".
+            samples += [(p, member[14:]) for member in members]
         counts = {s.value: 0 for s in UNFINISHED}
         async with client.pipeline(transaction=False) as pipe:
             for p, gid in samples:

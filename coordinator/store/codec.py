@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from coordinator.keys import BRANCH_FIELD
 from coordinator.model import Branch, BranchStatus, Op, Options, Status, Trans
 
 
@@ -17,6 +18,22 @@ def _text(value: bytes | str) -> str:
 def pairs_to_dict(flat: Sequence[bytes | str]) -> dict[str, str]:
     """HGETALL as returned inside a script reply: a flat [k, v, k, v, ...] list."""
     return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def split_hash(
+    fields: Mapping[str, str],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """One HGETALL of a transaction hash as (transaction fields, branch records keyed
+    "<branch_id>:<op>"): the branches are fields of the same hash (see keys.py)."""
+    trans: dict[str, str] = {}
+    branches: dict[str, str] = {}
+    cut = len(BRANCH_FIELD)
+    for name, value in fields.items():
+        if name.startswith(BRANCH_FIELD):
+            branches[name[cut:]] = value
+        else:
+            trans[name] = value
+    return trans, branches
 
 
 def options_to_json(options: Options) -> str:
@@ -107,7 +124,7 @@ def branch_records(branches: Sequence[Branch]) -> str:
     lines = []
     for seq, branch in enumerate(branches, 1):
         record = {**branch_to_json(branch), "seq": seq, "create_time": ""}
-        lines.append(f"{branch.branch_id}:{branch.op.value}")
+        lines.append(f"{BRANCH_FIELD}{branch.branch_id}:{branch.op.value}")
         lines.append(orjson.dumps(record)[:-2].decode())  # ends in "create_time":"
     return "\n".join(lines)
 
@@ -144,9 +161,15 @@ class CorruptRecord(ValueError):
         self.fields = dict(fields)
 
 
+def trans_from_record(record: Mapping[str, str]) -> Trans:
+    """A transaction from one HGETALL of its hash (transaction and branch fields)."""
+    return trans_from_hash(*split_hash(record))
+
+
 def trans_from_hash(fields: Mapping[str, str], branch_fields: Mapping[str, str]) -> Trans:
     """Raises CorruptRecord for a record whose status or branches cannot be read; the
-    other fields fall back to their empty values."""
+    other fields fall back to their empty values. A field set to "" reads as absent
+    (a finished transaction keeps its lease fields empty rather than deleted)."""
     try:
         return _trans_from_hash(fields, branch_fields)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

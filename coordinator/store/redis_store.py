@@ -26,7 +26,7 @@ from coordinator.errors import (
     StoreUnavailable,
     raise_for_reply,
 )
-from coordinator.keys import KeySpace
+from coordinator.keys import FINISHED_BAND, KeySpace
 from coordinator.model import Branch, Status, Trans
 from coordinator.store.base import (
     Claimed,
@@ -43,8 +43,10 @@ from coordinator.store.codec import (
     branch_records,
     branches_json,
     pairs_to_dict,
+    split_hash,
     trans_fields,
     trans_from_hash,
+    trans_from_record,
 )
 from coordinator.store.packing import use_c_packing
 from coordinator.store.scripts import (
@@ -66,6 +68,11 @@ RETRIED_ERRORS: tuple[type[RedisError], ...] = (RedisConnectionError, RedisTimeo
 RETRIES = 5  # waits of 0.05, 0.1, 0.2, 0.4, 0.5 s: about 1.3 s before giving up
 # Idle connections are pinged before use after this many seconds.
 HEALTH_CHECK_INTERVAL = 10
+# Layout 3 (keys.py): branch records are fields of the transaction hash, and the due
+# index, named by listing members, also holds finished transactions (in its finished
+# band). Layout 1 kept branches in a hash of their own, and 1 and 2 a separate index of
+# finished transactions.
+LAYOUT = "3"
 
 
 def _retry_policy() -> Retry:
@@ -165,6 +172,7 @@ class RedisStore(Store):
         if self.batch_script is not None:
             await self.client.script_load(self.batch_script.script)
         await self._check_partitions()
+        await self._upgrade_layout()
 
     async def _check_partitions(self) -> None:
         """The partition count is part of every key's name: a deployment restarted with
@@ -179,6 +187,51 @@ class RedisStore(Store):
                 f"prefix '{self.keys.prefix}' were stored with {recorded}; set "
                 f"redis.partitions = {recorded} (it is fixed for the life of a deployment)"
             )
+
+    async def _upgrade_layout(self) -> None:
+        """Brings data of earlier key layouts to this one, once per deployment (a marker
+        records that it is done). Each step is a script per transaction or per bounded
+        batch, safe to repeat, so an interrupted start-up resumes where it stopped."""
+        marker = self.keys.kv("layout")
+        found = await self.client.get(marker)
+        if found == LAYOUT:
+            return
+        if found != "2":
+            await self._move_branch_hashes()
+        await self._fold_expiry_indexes()
+        await self.client.set(marker, LAYOUT)
+
+    async def _move_branch_hashes(self) -> None:
+        """Layout 1 kept a transaction's branch records in a hash of their own."""
+        script = self.client.register_script(script_text("migrate_layout"))
+        moved = 0
+        async for key in self.client.scan_iter(
+            match=self.keys.legacy_branches_pattern(), count=1000
+        ):
+            name = key.decode() if isinstance(key, bytes) else key
+            moved += int(await script(keys=[name, self.keys.legacy_trans_key(name)]))
+        if moved:
+            log.info("moved the branches of %d transactions into their transaction hashes "
+                     "(key layout 2)", moved)
+
+    async def _fold_expiry_indexes(self) -> None:
+        """Layouts 1 and 2 named due entries by the gid and kept finished transactions
+        in an expiry index of their own."""
+        script = self.client.register_script(script_text("migrate_due"))
+        converted = moved = 0
+        for p in range(self.partitions):
+            due, expiry = self.keys.due(p), self.keys.legacy_expiry(p)
+            tp = self.keys.trans_prefix(p)
+            old = [str(m) for m in await self.client.zrange(due, 0, -1)]
+            left = 1
+            while old or left:
+                batch, old = old[:200], old[200:]
+                n, m, left = await script(keys=[due, expiry, *(tp + g for g in batch)],
+                                          args=batch)
+                converted, moved = converted + int(n), moved + int(m)
+        if converted or moved:
+            log.info("renamed %d due entries and moved %d expiry entries into the due "
+                     "indexes (key layout %s)", converted, moved, LAYOUT)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -198,7 +251,7 @@ class RedisStore(Store):
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of lua/create.lua for this transaction."""
         keys = self.keys.for_gid(trans.gid)
-        return keys.as_list()[:4], [
+        return keys.as_list(), [
             trans.gid,
             trans.status.value,
             orjson.dumps(trans_fields(trans)).decode(),
@@ -252,13 +305,11 @@ class RedisStore(Store):
     async def load(self, gid: str) -> Trans | None:
         keys = self.keys.for_gid(gid)
         started = time.perf_counter()
-        fields, branches = await self._batch.call(
-            self.scripts["load"], [keys.trans, keys.branches], [], writes=READ
-        )
+        record = await self._batch.call(self.scripts["load"], [keys.trans], [], writes=READ)
         self.observer.script("load", time.perf_counter() - started)
-        if not fields:
+        if not record:
             return None
-        return trans_from_hash(pairs_to_dict(fields), pairs_to_dict(branches))
+        return trans_from_record(pairs_to_dict(record))
 
     async def _due(self, zset: str, limit: int) -> builtins.list[str]:
         """Members of a partition's sorted set that look due by this host's clock.
@@ -287,24 +338,22 @@ class RedisStore(Store):
     @_unavailable_as_503
     async def claim(self, partition: int, limit: int, token_prefix: str) -> list[Claimed]:
         # Two steps so that the claim script names every key it touches: peek at the
-        # due gids, then claim them (the script checks each one again).
-        gids = await self._due(self.keys.due(partition), limit)
-        if not gids:
+        # due entries, then claim them (the script checks each one again).
+        members = await self._due(self.keys.due(partition), limit)
+        if not members:
             return []
-        tp, bp = self.keys.trans_prefix(partition), self.keys.branches_prefix(partition)
-        keys = [self.keys.due(partition)]
-        for gid in gids:
-            keys += [tp + gid, bp + gid]
+        tp = self.keys.trans_prefix(partition)
+        keys = [*self.keys.partition_keys(partition), *(tp + m[14:] for m in members)]
         started = time.perf_counter()
         reply = await self._batch.call(
-            self.scripts["claim"], keys, [token_prefix, self.lease_ms, *gids], writes=READ
+            self.scripts["claim"], keys, [token_prefix, self.lease_ms, *members], writes=READ
         )
         self.observer.script("claim", time.perf_counter() - started)
         now = int(reply[0])
         claimed = []
-        for _gid, token, f, b, previous in reply[1:]:
+        for _gid, token, record, previous in reply[1:]:
             try:
-                trans = trans_from_hash(pairs_to_dict(f), pairs_to_dict(b))
+                trans = trans_from_record(pairs_to_dict(record))
             except CorruptRecord as exc:
                 # Left to its lease (and reported each time it comes round): one damaged
                 # record must not fail the claim of every transaction in its batch.
@@ -315,7 +364,11 @@ class RedisStore(Store):
 
     @_unavailable_as_503
     async def sweep(self, partition: int) -> int:
-        members = await self._due(self.keys.expiry(partition), 500)
+        band = FINISHED_BAND
+        found = await self.client.zrangebyscore(
+            self.keys.due(partition), band, band + _now_ms(), start=0, num=500
+        )
+        members = [str(m) for m in found]
         if not members:
             return 0
         prefix = self.keys.trans_prefix(partition)
@@ -362,7 +415,8 @@ class RedisStore(Store):
                 if where.trans_type and rec.get("trans_type") != where.trans_type:
                     continue
                 try:
-                    found.append(trans_from_hash(rec, {}))
+                    # A page shows no branches: the branch fields are left unread.
+                    found.append(trans_from_hash(split_hash(rec)[0], {}))
                 except CorruptRecord:
                     continue  # unreadable: `query` shows its raw fields; a page must not fail
                 if len(found) == limit:
@@ -377,7 +431,7 @@ class RedisStore(Store):
         keys = self.keys.for_gid(gid)
         reply = await self._batch.call(
             self.scripts["register"],
-            [keys.trans, keys.branches],
+            [keys.trans],
             [
                 gid,
                 ",".join(s.value for s in expected),
