@@ -129,8 +129,7 @@ class BenchEnv:
             self.redis_url = await self._embedded.start()
         # The gRPC port by environment, not flag: a --compare revision without gRPC
         # ignores an unknown variable but would refuse an unknown flag.
-        env = {"COORDINATOR_ENGINE_POLL_INTERVAL": "0.05",
-               "COORDINATOR_SERVER_GRPC_PORT": str(self.grpc_port), **self.coordinator_env}
+        env = {"COORDINATOR_SERVER_GRPC_PORT": str(self.grpc_port), **self.coordinator_env}
         if not self.redis_url.startswith("unix://") and await is_cluster(self.redis_url):
             # A cluster is not flushed: the run's keys get a prefix of their own.
             self.redis = cluster_client(parse_seeds(self.redis_url), self.redis_url)

@@ -224,8 +224,9 @@ def saga_factory(steps: list[dict[str, str]]) -> RequestFactory:
     return factory
 
 
-def make_env(opts: RunOptions, workers: int | None = None) -> BenchEnv:
-    env: dict[str, Any] = {}
+def make_env(opts: RunOptions, workers: int | None = None, **env: Any) -> BenchEnv:
+    """The scenario's Redis and coordinator, with the coordinator's default settings
+    except those `env` names (environment variables)."""
     if opts.wait_replicas:
         env["COORDINATOR_REDIS_WAIT_REPLICAS"] = opts.wait_replicas
     return BenchEnv(opts.redis_url, workers or opts.workers, root=opts.root or ROOT,

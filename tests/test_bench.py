@@ -39,11 +39,19 @@ def _check_common(result: dict[str, object]) -> None:
     assert result["tx_per_s"] > 0
 
 
+def _check_two_scripts(result: dict[str, object]) -> None:
+    """Two scripts per saga (create, then finish), which the batch script carries in
+    fewer EVALSHA calls when sagas run concurrently, plus the poller's idle looks: 12
+    commands a saga in Redis (layout 3), fewer with batching, more at a low rate."""
+    calls = float(result["redis_calls_per_tx"])  # type: ignore[arg-type]
+    assert 0 < calls <= 2.1
+    assert float(result["redis_commands_per_tx"]) < 16  # type: ignore[arg-type]
+
+
 async def test_saga_empty_runs() -> None:
     result = await saga_empty(SHORT)
     _check_common(result)
-    # Two scripts per saga (create, then finish), plus the idle claims of the poller.
-    assert 1.9 <= float(result["redis_calls_per_tx"]) < 3  # type: ignore[arg-type]
+    _check_two_scripts(result)
     ceiling = result["ceiling"]
     assert isinstance(ceiling, dict)
     assert ceiling["tx_per_s"] > 0
@@ -62,7 +70,7 @@ async def test_saga_empty_driven_by_wrk_reports_its_figures() -> None:
     assert transactions > 0
     # Every answer was a 200, and each was a distinct saga that Redis created and finished.
     assert result["status_codes"] == {"200": transactions}, result["status_codes"]
-    assert 1.9 <= float(result["redis_calls_per_tx"]) < 3
+    _check_two_scripts(result)
     share = result["loadgen_cpu_share"]
     assert isinstance(share, float)
     assert 0 < share < 1
@@ -88,8 +96,10 @@ async def test_saga_with_participants_runs() -> None:
     result = await saga_http(SHORT)
     _check_common(result)
     assert set(result["branch_calls"]) == {"/TransOut", "/TransIn"}  # type: ignore[arg-type]
-    # create, the first action's result (written before the second call), finish.
-    assert 2.9 <= float(result["redis_calls_per_tx"]) < 4  # type: ignore[arg-type]
+    # create, the first action's result (written before the second call), finish; the
+    # batch script carries the scripts of concurrent sagas in fewer EVALSHA calls.
+    assert 0 < float(result["redis_calls_per_tx"]) <= 3.1  # type: ignore[arg-type]
+    assert float(result["redis_commands_per_tx"]) < 24  # type: ignore[arg-type]
 
 
 async def test_saga_over_grpc_calls_grpc_branches() -> None:
@@ -108,7 +118,7 @@ async def test_saga_empty_over_grpc_runs() -> None:
     result = await saga_empty(replace(SHORT, protocol="grpc"))
     _check_common(result)
     assert result["scenario"] == "saga-empty (grpc)"
-    assert 1.9 <= float(result["redis_calls_per_tx"]) < 3  # type: ignore[arg-type]
+    _check_two_scripts(result)
 
 
 async def test_flash_sale_books_balance() -> None:
