@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from coordinator.embedded_redis import (
@@ -335,13 +336,14 @@ async def test_readme_redis_cli_commands_reach_the_private_redis(
             )
             code, out, err = await run("redis-cli", "ping", env={**env, "PATH": bare})
             assert (code, out.strip()) == (0, "PONG"), err
-    scan, trans, branches, _due = outputs
+    scan, trans, branch, _due = outputs
     partition = partition_of("order-1001", RedisSettings().partitions)
     assert scan == [f"coord:trans:{{p{partition}}}:order-1001"]
     fields = dict(zip(trans[::2], trans[1::2], strict=True))
     assert fields["gid"] == "order-1001"
     assert fields["status"] == "succeed"
-    assert {"01:action", "02:action"} <= set(branches)
+    assert {"branch:01:action", "branch:02:action"} <= set(fields)
+    assert orjson.loads(branch[0])["status"] == "succeed"
 
 
 async def test_redis_cli_without_a_private_redis_is_one_line(data_dir: Path) -> None:
