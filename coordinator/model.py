@@ -7,6 +7,7 @@ machines read them; neither side reaches into the other.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,6 +24,8 @@ def evolve(obj: _T, **changes: Any) -> _T:
     new = object.__new__(type(obj))
     new.__dict__.update(obj.__dict__)
     new.__dict__.update(changes)
+    if "branch_id" in changes or "op" in changes:
+        new.__dict__.pop("key", None)  # derived from them (Branch.key)
     return new
 
 
@@ -92,8 +95,10 @@ class Branch:
     # call names the workflow.
     wire_op: str = ""
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
+        # Cached in the instance dict (frozen dataclasses allow it): the engine asks for
+        # it many times per round. evolve() copies it, and only ever changes a status.
         return f"{self.branch_id}:{self.op.value}"
 
     @property
