@@ -226,3 +226,16 @@ async def test_fast_answers_are_counted_in_the_metrics(fast: CoordinatorProcess)
     assert float(ok.group(1)) == 5, text
     assert failed is not None, text
     assert float(failed.group(1)) == 1, text
+
+
+def test_the_fast_path_is_off_with_tracing_or_when_turned_off() -> None:
+    # Spans come from the aiohttp middleware, so with tracing every request goes there.
+    from aiohttp import web
+
+    from coordinator.api.fast import FastFront
+    from coordinator.settings import ServerSettings
+
+    app = web.Application()
+    assert FastFront(app, ServerSettings(), grace=1).enabled
+    assert not FastFront(app, ServerSettings(tracing=True), grace=1).enabled
+    assert not FastFront(app, ServerSettings(fast_http=False), grace=1).enabled
