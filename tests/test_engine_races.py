@@ -91,3 +91,27 @@ async def test_branch_registered_after_the_claim_is_cancelled_too(store: RedisSt
     assert stored is not None
     assert {b.key: b.status.value for b in stored.branches if b.op is Op.CANCEL} == {
         "01:cancel": "succeed", "02:cancel": "succeed"}
+
+
+async def test_a_poll_claims_a_bounded_batch_and_the_rest_on_the_next(
+    store: RedisStore,
+) -> None:
+    """Hundreds of due transactions (a flash sale's orders) are claimed CLAIM_BATCH at a
+    time, so that no single poll decodes and starts them all in one stretch of the loop;
+    polling again takes the rest."""
+    from coordinator.engine.engine import CLAIM_BATCH
+    from coordinator.machines.msg import MsgMachine
+    from coordinator.machines.msg import branches_for as msg_branches
+
+    count = CLAIM_BATCH + 36
+    for i in range(count):
+        gid = f"{{1}}batch-{i:03d}"
+        steps = [{"action": ""}]
+        await store.create(Trans(gid=gid, trans_type="msg", status=Status.SUBMITTED,
+                                 steps=tuple(steps), payloads=("{}",),
+                                 branches=msg_branches(steps, {})), due_in_ms=0)
+    engine = Engine(store, RecordingCaller(), {"msg": MsgMachine()},  # type: ignore[arg-type]
+                    EngineSettings())
+    assert await engine.poll_once() == CLAIM_BATCH
+    assert await engine.poll_once() == count - CLAIM_BATCH
+    await engine.stop()

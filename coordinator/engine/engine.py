@@ -37,6 +37,8 @@ from coordinator.observer import NULL_OBSERVER, Observer
 from coordinator.settings import EngineSettings
 from coordinator.store.base import Store, Transition
 
+CLAIM_BATCH = 64
+
 log = logging.getLogger("coordinator.engine")
 
 
@@ -167,7 +169,10 @@ class Engine:
         due: list[int] = await self.store.due_partitions()
         due.sort(key=lambda p: (p - start) % count)
         for partition in due:
-            free = self.settings.concurrency - self.active
+            # At most CLAIM_BATCH at a time: decoding and starting hundreds of claimed
+            # transactions in one go stalled the event loop for hundreds of ms (flash
+            # sale); the loop claims again at once while it finds work.
+            free = min(self.settings.concurrency - self.active, CLAIM_BATCH)
             if free <= 0 or self._stopping.is_set():
                 break
             sent = time.monotonic()  # the lease runs from (at latest) the claim's send
