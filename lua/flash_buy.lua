@@ -7,16 +7,16 @@
 -- KEYS[3] = listing index           (as create.lua)
 -- KEYS[4] = stock counter           e.g. flash:stock:{pN}:<item>, same slot as KEYS[1]
 -- KEYS[5] = barrier of the message  flash:barrier:{pN}:<gid>-00-msg-01
--- ARGV[1 .. 7 + 2n] = as create.lua (gid, "submitted", n, branches, due ms, owner,
---           lease ms, then the n field/value pairs)
--- ARGV[8 + 2n] = units to buy
--- ARGV[9 + 2n] = seconds to keep the barrier record
+-- ARGV[1 .. 7 + 2n + 2m] = as create.lua (gid, "submitted", n fields, m branches, due ms,
+--           owner, lease ms, then the fields' and the branches' pairs)
+-- ARGV[8 + 2n + 2m] = units to buy
+-- ARGV[9 + 2n + 2m] = seconds to keep the barrier record
 -- returns {"OK", now_ms, stock_left}, {"SOLD_OUT", stock_left} or {"EXISTS", status, fingerprint, trans_type}
 
 --!include lib_create.lua
 
--- This script's own arguments follow create's, whose count depends on its fields.
-local own = 8 + 2 * tonumber(ARGV[3])
+-- This script's own arguments follow create's, whose count depends on the transaction.
+local own = 8 + 2 * (tonumber(ARGV[3]) + tonumber(ARGV[4]))
 local amount = tonumber(ARGV[own])
 local stock = tonumber(redis.call('GET', KEYS[4]) or '0')
 if stock < amount then

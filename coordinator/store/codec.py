@@ -119,19 +119,19 @@ def branches_json(branches: Sequence[Branch]) -> str:
     return orjson.dumps([branch_to_json(b) for b in branches]).decode()
 
 
-def branch_records(branches: Sequence[Branch]) -> str:
-    """ARGV[4] of create.lua: per branch, its field name and its JSON record cut off
-    where the creation time goes, one per line (JSON text holds no raw newline).
+def branch_records(branches: Sequence[Branch]) -> list[str]:
+    """The branch pairs of create.lua's ARGV: per branch, its field name and its JSON
+    record cut off where the creation time goes.
 
     The script appends the time it reads from Redis to each, instead of decoding and
     re-encoding every record: that JSON work was about half of create's time in Redis.
     """
-    lines = []
+    out: list[str] = []
     for seq, branch in enumerate(branches, 1):
         record = {**branch_to_json(branch), "seq": seq, "create_time": ""}
-        lines.append(f"{BRANCH_FIELD}{branch.branch_id}:{branch.op.value}")
-        lines.append(orjson.dumps(record)[:-2].decode())  # ends in "create_time":"
-    return "\n".join(lines)
+        out.append(f"{BRANCH_FIELD}{branch.branch_id}:{branch.op.value}")
+        out.append(orjson.dumps(record)[:-2].decode())  # ends in "create_time":"
+    return out
 
 
 def branch_update_args(

@@ -257,11 +257,12 @@ class RedisStore(Store):
             trans.gid,
             trans.status.value,
             len(fields) // 2,
-            branch_records(trans.branches),
+            len(trans.branches),
             max(0, due_in_ms),
             owner,
             lease_ms or self.lease_ms,
             *fields,
+            *branch_records(trans.branches),
         ]
 
     @_unavailable_as_503
