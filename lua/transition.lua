@@ -111,10 +111,9 @@ end
 if new == 'succeed' or new == 'failed' then
   hset[#hset + 1] = (new == 'succeed') and 'finish_time' or 'rollback_time'
   hset[#hset + 1] = snow
-  for _, name in ipairs({'owner', 'lease_until', 'next_cron_time', 'poke'}) do
-    hset[#hset + 1] = name
-    hset[#hset + 1] = ''
-  end
+  local n = #hset
+  hset[n + 1], hset[n + 2], hset[n + 3], hset[n + 4] = 'owner', '', 'lease_until', ''
+  hset[n + 5], hset[n + 6], hset[n + 7], hset[n + 8] = 'next_cron_time', '', 'poke', ''
   redis.call('HSET', KEYS[1], unpack(hset))
   -- The transaction is one key, so all of it expires at the same moment. Its due entry
   -- moves into the finished band, scored by that moment: no claim looks there, and the
