@@ -10,13 +10,19 @@
 -- ARGV[2] = expected statuses, comma separated
 -- ARGV[3] = owner token the caller must hold, or "" (API calls hold no lease)
 -- ARGV[4] = new status, or "" to keep the current one
--- ARGV[5] = JSON object of string fields to set on the transaction
--- ARGV[6] = JSON object {"<branch_id>:<op>": "<branch status>"} of branch results
+-- ARGV[5] = number f of string fields to set on the transaction (pairs from ARGV[11])
+-- ARGV[6] = number b of branch results (triples after the fields)
 -- ARGV[7] = ms from now until the transaction is next due, or "" to leave the index
 -- ARGV[8] = lease mode: "renew" (caller keeps working), "release" (caller is done),
 --           "acquire:<token>" (take the lease if nobody holds it), or "" (no lease)
 -- ARGV[9] = lease length in ms
 -- ARGV[10] = seconds a finished transaction is kept
+-- ARGV[11 .. 10 + 2f] = the fields: name, value, name, value, ...
+-- then b triples, one per branch result: the field "branch:<branch_id>:<op>", the
+--           branch's new status, and its whole new JSON record cut off right after
+--           '"update_time":"' (the script completes it with the time it reads, and
+--           finish_time unless the status is "prepared"), or "" when the caller does not
+--           hold the record: the script then changes the stored one (decode, encode)
 -- returns {"OK", status, now_ms, acquired ("1"/"0")}, {"NOT_FOUND"},
 --         {"CONFLICT", current_status} or {"LEASE_LOST", current_owner}
 
@@ -34,17 +40,11 @@ end
 
 -- One read of the fields this script decides on and of the branch records it changes,
 -- and one HSET at the end: every redis.call costs more than the command itself.
-local updates = {}
-local bkeys = {}
-if ARGV[6] ~= '{}' then
-  updates = cjson.decode(ARGV[6])
-  for key, _ in pairs(updates) do
-    bkeys[#bkeys + 1] = key
-  end
-end
+local first_branch = 11 + 2 * tonumber(ARGV[5])
+local branch_count = tonumber(ARGV[6])
 local fields = {'status', 'owner', 'lease_until', 'created_member', 'poke'}
-for i, key in ipairs(bkeys) do
-  fields[5 + i] = 'branch:' .. key
+for i = 1, branch_count do
+  fields[5 + i] = ARGV[first_branch + 3 * i - 3]
 end
 local cur = redis.call('HMGET', KEYS[1], unpack(fields))
 local status = cur[1]
@@ -74,35 +74,46 @@ if ARGV[4] ~= '' then
 end
 local hset = {'status', new, 'update_time', snow}
 
--- Branch results; a record that is not there is not created.
-for i, key in ipairs(bkeys) do
+-- Branch results; a record that is not there is not created. The caller sends the
+-- record whole but for the times: completing that text costs far less than decoding
+-- and encoding the stored one, which is left for a record the caller does not hold.
+local done_tail = '","finish_time":"' .. snow .. '"}'
+for i = 1, branch_count do
   local raw = cur[5 + i]
   if raw then
-    local b = cjson.decode(raw)
-    b['status'] = updates[key]
-    b['update_time'] = snow
-    if updates[key] ~= 'prepared' then
-      b['finish_time'] = snow
+    local at = first_branch + 3 * i - 3
+    local branch_status, head = ARGV[at + 1], ARGV[at + 2]
+    local record
+    if head ~= '' then
+      if branch_status ~= 'prepared' then
+        record = head .. snow .. done_tail
+      else
+        record = head .. snow .. '"}'
+      end
+    else
+      local b = cjson.decode(raw)
+      b['status'] = branch_status
+      b['update_time'] = snow
+      if branch_status ~= 'prepared' then
+        b['finish_time'] = snow
+      end
+      record = cjson.encode(b)
     end
     hset[#hset + 1] = fields[5 + i]
-    hset[#hset + 1] = cjson.encode(b)
+    hset[#hset + 1] = record
   end
 end
 
-if ARGV[5] ~= '{}' then  -- most transitions set no further field: skip the decoding
-  for k, v in pairs(cjson.decode(ARGV[5])) do
-    hset[#hset + 1] = k
-    hset[#hset + 1] = v
-  end
+for i = 11, first_branch - 1 do
+  hset[#hset + 1] = ARGV[i]
 end
 
 if new == 'succeed' or new == 'failed' then
   hset[#hset + 1] = (new == 'succeed') and 'finish_time' or 'rollback_time'
   hset[#hset + 1] = snow
-  for _, name in ipairs({'owner', 'lease_until', 'next_cron_time', 'poke'}) do
-    hset[#hset + 1] = name
-    hset[#hset + 1] = ''
-  end
+  local n = #hset
+  hset[n + 1], hset[n + 2], hset[n + 3], hset[n + 4] = 'owner', '', 'lease_until', ''
+  hset[n + 5], hset[n + 6], hset[n + 7], hset[n + 8] = 'next_cron_time', '', 'poke', ''
   redis.call('HSET', KEYS[1], unpack(hset))
   -- The transaction is one key, so all of it expires at the same moment. Its due entry
   -- moves into the finished band, scored by that moment: no claim looks there, and the

@@ -222,7 +222,15 @@ class Engine:
             now = await self.store.create(
                 trans, due_in_ms=due_in_ms, owner=token, lease_ms=self.lease_ms
             )
-            stored = evolve(trans, create_time=now, update_time=now, owner=token)
+            # As create stored it, branch records included: the writes under the lease
+            # send the records whole (see Transition.records).
+            stored = evolve(
+                trans, create_time=now, update_time=now, owner=token,
+                branches=tuple(
+                    evolve(b, seq=seq, create_time=now, update_time=now)
+                    for seq, b in enumerate(trans.branches, 1)
+                ),
+            )
             return self.spawn(self._run(stored, token, now, sent))
         await self.store.create(trans, due_in_ms=due_in_ms)
         return None
@@ -452,6 +460,7 @@ class Run:
                     owner=self.token,
                     fields=self.pending_fields,
                     branch_updates=self.pending,
+                    records={b.key: b for b in self.trans.branches if b.key in self.pending},
                     next_due_ms=next_due_ms,
                     lease=lease,
                     lease_ms=lease_ms,

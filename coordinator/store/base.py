@@ -31,6 +31,9 @@ class Transition:
     owner: str = ""
     fields: Mapping[str, str] = field(default_factory=dict)
     branch_updates: Mapping[str, BranchStatus] = field(default_factory=dict)
+    # The caller's copies of the changed branches (keys as in branch_updates): the store
+    # writes a record from its copy instead of reading and re-encoding the stored one.
+    records: Mapping[str, Branch] = field(default_factory=dict)
     next_due_ms: int | None = None
     lease: str = ""
     lease_ms: int = 0

@@ -98,6 +98,11 @@ def trans_fields(trans: Trans) -> dict[str, str]:
     return fields
 
 
+def trans_field_pairs(trans: Trans) -> list[str]:
+    """`trans_fields` as the flat field, value, field, value list create.lua takes."""
+    return [text for pair in trans_fields(trans).items() for text in pair]
+
+
 def branch_to_json(branch: Branch) -> dict[str, str]:
     out = {
         "branch_id": branch.branch_id,
@@ -114,19 +119,49 @@ def branches_json(branches: Sequence[Branch]) -> str:
     return orjson.dumps([branch_to_json(b) for b in branches]).decode()
 
 
-def branch_records(branches: Sequence[Branch]) -> str:
-    """ARGV[4] of create.lua: per branch, its field name and its JSON record cut off
-    where the creation time goes, one per line (JSON text holds no raw newline).
+def branch_records(branches: Sequence[Branch]) -> list[str]:
+    """The branch pairs of create.lua's ARGV: per branch, its field name and its JSON
+    record cut off where the creation time goes.
 
     The script appends the time it reads from Redis to each, instead of decoding and
     re-encoding every record: that JSON work was about half of create's time in Redis.
     """
-    lines = []
+    out: list[str] = []
     for seq, branch in enumerate(branches, 1):
         record = {**branch_to_json(branch), "seq": seq, "create_time": ""}
-        lines.append(f"{BRANCH_FIELD}{branch.branch_id}:{branch.op.value}")
-        lines.append(orjson.dumps(record)[:-2].decode())  # ends in "create_time":"
-    return "\n".join(lines)
+        out.append(f"{BRANCH_FIELD}{branch.branch_id}:{branch.op.value}")
+        out.append(orjson.dumps(record)[:-2].decode())  # ends in "create_time":"
+    return out
+
+
+def branch_update_args(
+    updates: Mapping[str, BranchStatus], records: Mapping[str, Branch]
+) -> list[str]:
+    """The branch triples of transition.lua's ARGV: per result, its field name, its new
+    status and its record cut off where the update time goes, or "" when the caller's
+    copy cannot reproduce the stored record (the script then edits the stored one).
+
+    The record is the one create or register stored (see `branch_records`) with the new
+    status; the script appends update_time, and finish_time unless still prepared.
+    """
+    out: list[str] = []
+    for key, status in updates.items():
+        out += [f"{BRANCH_FIELD}{key}", status.value, _record_head(records.get(key), status)]
+    return out
+
+
+def _record_head(branch: Branch | None, status: BranchStatus) -> str:
+    # A copy without its seq or creation time (never read back) cannot say what is
+    # stored, nor can one that stays prepared with a finish time the script would drop.
+    if branch is None or not branch.seq or not branch.create_time or (
+        status is BranchStatus.PREPARED and branch.finish_time
+    ):
+        return ""
+    record = {
+        **branch_to_json(branch), "status": status.value, "seq": branch.seq,
+        "create_time": str(branch.create_time), "update_time": "",
+    }
+    return orjson.dumps(record)[:-2].decode()  # ends in "update_time":"
 
 
 def _int(value: Any) -> int:

@@ -41,10 +41,11 @@ from coordinator.store.batch import ACKED, READ, WRITE, ScriptBatcher
 from coordinator.store.codec import (
     CorruptRecord,
     branch_records,
+    branch_update_args,
     branches_json,
     pairs_to_dict,
     split_hash,
-    trans_fields,
+    trans_field_pairs,
     trans_from_hash,
     trans_from_record,
 )
@@ -251,14 +252,17 @@ class RedisStore(Store):
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of lua/create.lua for this transaction."""
         keys = self.keys.for_gid(trans.gid)
+        fields = trans_field_pairs(trans)
         return keys.as_list(), [
             trans.gid,
             trans.status.value,
-            orjson.dumps(trans_fields(trans)).decode(),
-            branch_records(trans.branches),
+            len(fields) // 2,
+            len(trans.branches),
             max(0, due_in_ms),
             owner,
             lease_ms or self.lease_ms,
+            *fields,
+            *branch_records(trans.branches),
         ]
 
     @_unavailable_as_503
@@ -281,12 +285,14 @@ class RedisStore(Store):
             ",".join(s.value for s in change.expected),
             change.owner,
             change.new_status.value if change.new_status else "",
-            orjson.dumps(dict(change.fields)).decode(),
-            orjson.dumps({k: v.value for k, v in change.branch_updates.items()}).decode(),
+            len(change.fields),
+            len(change.branch_updates),
             "" if change.next_due_ms is None else max(0, change.next_due_ms),
             change.lease,
             change.lease_ms or self.lease_ms,
             self.finished_ttl_s,
+            *(text for pair in change.fields.items() for text in pair),
+            *branch_update_args(change.branch_updates, change.records),
         ]
 
     @_unavailable_as_503
