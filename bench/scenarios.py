@@ -292,6 +292,12 @@ async def redis_ceiling_on(
     template = Trans(gid="", trans_type="saga", status=Status.SUBMITTED, steps=steps,
                      payloads=("{}", "{}"), branches=branches, options=Options(wait_result=True))
     shas = {name: store.scripts[name].sha for name in ("create", "transition")}
+    # The branch records as the engine holds them after its create (see
+    # Transition.records): the finish sends them whole, as the engine does. The create
+    # time is this host's, close enough for records nobody reads.
+    created = int(time.time() * 1000)
+    held = {b.key: replace(b, seq=i + 1, create_time=created, update_time=created)
+            for i, b in enumerate(branches)}
     expected = frozenset({Status.SUBMITTED})
     scripts_per_tx = 3 if with_branch_writes else 2
     done = 0
@@ -313,11 +319,13 @@ async def redis_ceiling_on(
                     if with_branch_writes:
                         keys, args = store.transition_call(gid, Transition(
                             expected=expected, owner=token, lease="renew",
-                            branch_updates={branches[1].key: BranchStatus.SUCCEED}))
+                            branch_updates={branches[1].key: BranchStatus.SUCCEED},
+                            records={branches[1].key: held[branches[1].key]}))
                         pipe.evalsha(shas["transition"], len(keys), *keys, *args)
                     keys, args = store.transition_call(gid, Transition(
                         expected=expected, new_status=Status.SUCCEED, owner=token,
-                        lease="renew", branch_updates={branches[3].key: BranchStatus.SUCCEED}))
+                        lease="renew", branch_updates={branches[3].key: BranchStatus.SUCCEED},
+                        records={branches[3].key: held[branches[3].key]}))
                     pipe.evalsha(shas["transition"], len(keys), *keys, *args)
                 replies = await pipe.execute()
             assert all(r[0] == "OK" for r in replies), replies[:3]
