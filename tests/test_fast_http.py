@@ -186,6 +186,16 @@ async def test_chunked_gzip_oversized_and_malformed_requests_are_aiohttp_s(
         assert (answer.status, answer.by_aiohttp) == (400, True)
 
 
+async def test_a_head_with_bare_line_feeds_goes_to_aiohttp_at_once(
+    fast: CoordinatorProcess,
+) -> None:
+    # The fast path looks for CRLF CRLF; a head ended by bare LFs must not wait for it.
+    body = empty_saga("fp-lf")
+    raw = f"POST {SUBMIT} HTTP/1.1\nHost: t\nContent-Length: {len(body)}\n\n".encode() + body
+    (answer,) = await asyncio.to_thread(exchange, fast.port, raw, 1)
+    assert answer.by_aiohttp
+
+
 async def test_connection_close_and_half_close_still_get_their_answer(
     fast: CoordinatorProcess,
 ) -> None:

@@ -44,6 +44,8 @@ _FIELD = re.compile(
     rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~\x80-\xff]|[ \t]+[!-~\x80-\xff])*)[ \t]*"
 )
 _DIGITS = re.compile(rb"[0-9]{1,12}")
+# A line ending without its CR: aiohttp decides what such a head means.
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
             408: "Request Timeout", 409: "Conflict", 425: "Too Early",
             500: "Internal Server Error", 503: "Service Unavailable"}
@@ -216,7 +218,8 @@ class FrontConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None  # the request being answered
         self.since = 0.0  # since when it waits for a head, or for a body
         self.waiting_body = False
-        self.paused = False
+        self.paused = False  # reading paused by us
+        self.write_blocked = False  # the transport's buffer is full (pause_writing)
         self.eof = False
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -270,10 +273,17 @@ class FrontConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.inner is not None:
             self.inner.pause_writing()
+        else:
+            # A client that pipelines requests without reading the answers: no more
+            # answers (nor reading) until it has read what is waiting.
+            self.write_blocked = True
 
     def resume_writing(self) -> None:
         if self.inner is not None:
             self.inner.resume_writing()
+        else:
+            self.write_blocked = False
+            self._continue()
 
     # -- the fast path ----------------------------------------------------------------
 
@@ -283,7 +293,7 @@ class FrontConnection(asyncio.Protocol):
         buffer = self.buffer
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
-            if len(buffer) > MAX_HEAD:
+            if len(buffer) > MAX_HEAD or _BARE_LF.search(buffer):
                 self._hand_over()
             return
         req = parse_head(buffer[:end], self.front.routes, self.front.server.max_body_bytes)
@@ -315,9 +325,22 @@ class FrontConnection(asyncio.Protocol):
             self.transport.close()
             return
         self.since = asyncio.get_running_loop().time()
+        self._continue()
+
+    def _continue(self) -> None:
+        """After an answer, or once the client read them: on to the next request."""
+        transport = self.transport
+        if self.task is not None or self.inner is not None or transport is None \
+                or transport.is_closing():
+            return
+        if self.write_blocked:
+            if not self.paused:
+                self.paused = True
+                transport.pause_reading()
+            return
         if self.paused:
             self.paused = False
-            self.transport.resume_reading()
+            transport.resume_reading()
         if self.buffer:
             self._next()
 
@@ -328,6 +351,8 @@ class FrontConnection(asyncio.Protocol):
             self.front.connections.discard(self)
         self.inner = self.make_inner()
         self.inner.connection_made(self.transport)
+        if self.write_blocked:
+            self.inner.pause_writing()
         if self.paused:
             self.paused = False
             self.transport.resume_reading()
