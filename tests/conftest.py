@@ -5,18 +5,23 @@ Under CI=true a missing service is an error, never a skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import redis
 
+from bench.redis_server import RedisServer
 from tests.cluster_support import RedisClusterProcess, have_cluster_tools
-from tests.support import Api, CoordinatorProcess, Participant, running_coordinator
+from tests.support import Api, CoordinatorProcess, Participant, free_port, running_coordinator
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -26,6 +31,20 @@ def require_service(name: str, reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message + " (CI=true: a missing service is an error)")
     pytest.skip(message)
+
+
+@contextlib.contextmanager
+def private_redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own on a free loopback port, stopped afterwards."""
+    if shutil.which("redis-server") is None:
+        require_service("redis-server", "not on PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(free_port(), Path(tmp))
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -7,30 +7,20 @@ it and starts it again on the same port and data directory.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from bench.redis_server import RedisServer
-from tests.conftest import require_service
-from tests.support import Api, CoordinatorProcess, Participant, free_port, saga_body
+from tests.conftest import private_redis_server
+from tests.support import Api, CoordinatorProcess, Participant, saga_body
 
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        require_service("redis-server", "not on PATH")
-    with tempfile.TemporaryDirectory() as tmp:
-        server = RedisServer(free_port(), Path(tmp))
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with private_redis_server() as server:
+        yield server
 
 
 async def test_redis_down_is_503_and_stale_connections_recover(

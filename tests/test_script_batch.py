@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,24 +25,16 @@ from coordinator.store.cluster import parse_seeds
 from coordinator.store.redis_store import RedisStore
 from coordinator.store.scripts import SCRIPT_NAMES, batch_script_text
 from tests.cluster_support import RedisClusterProcess
-from tests.conftest import require_service
+from tests.conftest import private_redis_server
 from tests.store_contract import SUBMITTED, in_partition, make_trans
-from tests.support import free_port
 
 CALLS = 64
 
 
 @pytest.fixture(scope="module")
 def own_redis() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        require_service("redis-server", "not on PATH")
-    with tempfile.TemporaryDirectory() as tmp:
-        server = RedisServer(free_port(), Path(tmp))
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with private_redis_server() as server:
+        yield server
 
 
 @pytest.fixture
