@@ -33,14 +33,6 @@ def success() -> web.Response:
     return web.Response(body=SUCCESS_BODY, content_type="application/json")
 
 
-def failure(message: str) -> web.Response:
-    return json_response({"dtm_result": "FAILURE", "message": message}, 409)
-
-
-def ongoing(message: str) -> web.Response:
-    return json_response({"dtm_result": "ONGOING", "message": message}, 425)
-
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -48,11 +40,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Answer = tuple[int, bytes, tuple[tuple[str, str], ...]]
 
 
-def error_answer(exc: Exception) -> Answer | None:
-    """The answer to an error of the API's own, or None for anything else.
+def error_answer(exc: Exception, what: str) -> Answer:
+    """The answer to an exception raised while serving `what` ("POST /api/…").
 
     One mapping for the aiohttp middleware and the fast path (fast.py): no stack trace
-    reaches a client, and a status conflict is a 409, never a 500.
+    reaches a client, and a status conflict is a 409, never a 500. Anything that is not
+    one of the API's own errors is logged with its traceback and answered 500. Call it
+    from the `except` block that caught `exc`.
     """
     if isinstance(exc, BadRequest):
         body: dict[str, Any] = {"message": str(exc)}
@@ -69,7 +63,8 @@ def error_answer(exc: Exception) -> Answer | None:
         return 409, orjson.dumps({"dtm_result": "FAILURE", "message": str(exc)}), ()
     if isinstance(exc, TransactionOngoing):
         return 425, orjson.dumps({"dtm_result": "ONGOING", "message": str(exc)}), ()
-    return None
+    log.exception("%s failed", what)
+    return 500, b'{"message":"internal error; see the coordinator\'s log"}', ()
 
 
 @web.middleware
@@ -77,13 +72,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Maps errors onto dtm's envelope (see error_answer) and aiohttp's own onto JSON."""
     try:
         return await handler(request)
-    except (BadRequest, Unauthorized, NotFound, StoreUnavailable, TransactionFailure,
-            TransactionOngoing) as exc:
-        answer = error_answer(exc)
-        assert answer is not None
-        status, body, headers = answer
-        return web.Response(body=body, status=status, content_type="application/json",
-                            headers=dict(headers))
     except web.HTTPRequestEntityTooLarge as exc:
         return json_response({"message": f"request body too large: {exc.text}"}, 413)
     except web.HTTPException as exc:
@@ -93,6 +81,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 response.headers["Allow"] = exc.headers["Allow"]
             return response
         raise
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
-        return json_response({"message": "internal error; see the coordinator's log"}, 500)
+    except Exception as exc:
+        status, body, headers = error_answer(exc, f"{request.method} {request.path}")
+        return web.Response(body=body, status=status, content_type="application/json",
+                            headers=dict(headers))

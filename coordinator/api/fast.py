@@ -28,6 +28,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from coordinator.api.auth import bearer_value
 from coordinator.api.envelope import error_answer
 from coordinator.api.routes import BODY_ROUTES, SERVICE, BodyHandler, check_access
 from coordinator.settings import ServerSettings
@@ -152,16 +153,11 @@ class FastFront:
         started = time.perf_counter()
         extra: tuple[tuple[str, str], ...] = ()
         try:
-            check_access(self.server, req.access, _bearer(req.authorization))
+            check_access(self.server, req.access, bearer_value(req.authorization))
             payload = await req.handler(self.app[SERVICE], body)
             status = 200
         except Exception as exc:  # mapped as error_middleware maps it
-            mapped = error_answer(exc)
-            if mapped is None:
-                log.exception("POST %s failed", req.api)
-                status, payload = 500, b'{"message":"internal error; see the coordinator\'s log"}'
-            else:
-                status, payload, extra = mapped
+            status, payload, extra = error_answer(exc, f"POST {req.path.decode('latin-1')}")
         if self.metrics is not None:
             self.metrics.request(req.api, status >= 400, time.perf_counter() - started)
         return self.response(status, payload, extra, req.close or self.closing)
@@ -194,11 +190,6 @@ class FastFront:
             await asyncio.wait(busy, timeout=self.grace)
         for conn in list(self.connections):
             conn.close()
-
-
-def _bearer(authorization: str) -> str:
-    scheme, _, value = authorization.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else ""
 
 
 class FrontConnection(asyncio.Protocol):
