@@ -98,9 +98,9 @@ def trans_fields(trans: Trans) -> dict[str, str]:
     return fields
 
 
-def trans_field_pairs(trans: Trans) -> list[str]:
-    """`trans_fields` as the flat field, value, field, value list create.lua takes."""
-    return [text for pair in trans_fields(trans).items() for text in pair]
+def flat_pairs(fields: Mapping[str, str]) -> list[str]:
+    """Fields as the flat field, value, field, value list the scripts take in ARGV."""
+    return [text for pair in fields.items() for text in pair]
 
 
 def branch_to_json(branch: Branch) -> dict[str, str]:
@@ -129,7 +129,7 @@ def branch_records(branches: Sequence[Branch]) -> list[str]:
     out: list[str] = []
     for seq, branch in enumerate(branches, 1):
         record = {**branch_to_json(branch), "seq": seq, "create_time": ""}
-        out.append(f"{BRANCH_FIELD}{branch.branch_id}:{branch.op.value}")
+        out.append(BRANCH_FIELD + branch.key)
         out.append(orjson.dumps(record)[:-2].decode())  # ends in "create_time":"
     return out
 

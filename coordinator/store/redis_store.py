@@ -43,9 +43,10 @@ from coordinator.store.codec import (
     branch_records,
     branch_update_args,
     branches_json,
+    flat_pairs,
     pairs_to_dict,
     split_hash,
-    trans_field_pairs,
+    trans_fields,
     trans_from_hash,
     trans_from_record,
 )
@@ -252,7 +253,7 @@ class RedisStore(Store):
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of lua/create.lua for this transaction."""
         keys = self.keys.for_gid(trans.gid)
-        fields = trans_field_pairs(trans)
+        fields = flat_pairs(trans_fields(trans))
         return keys.as_list(), [
             trans.gid,
             trans.status.value,
@@ -291,7 +292,7 @@ class RedisStore(Store):
             change.lease,
             change.lease_ms or self.lease_ms,
             self.finished_ttl_s,
-            *(text for pair in change.fields.items() for text in pair),
+            *flat_pairs(change.fields),
             *branch_update_args(change.branch_updates, change.records),
         ]
 
@@ -317,13 +318,17 @@ class RedisStore(Store):
             return None
         return trans_from_record(pairs_to_dict(record))
 
-    async def _due(self, zset: str, limit: int) -> builtins.list[str]:
-        """Members of a partition's sorted set that look due by this host's clock.
+    async def _due(self, zset: str, limit: int, band: int = 0) -> builtins.list[str]:
+        """Members of a partition's due index that look due by this host's clock: of
+        unfinished transactions, or with `band` = FINISHED_BAND, of finished ones whose
+        hash has expired.
 
         Only a hint: claim and sweep check each one again by the server's clock, in the
         script. A plain command rather than a script keeps the idle look cheap.
         """
-        found = await self.client.zrangebyscore(zset, "-inf", _now_ms(), start=0, num=limit)
+        found = await self.client.zrangebyscore(
+            zset, band or "-inf", band + _now_ms(), start=0, num=limit
+        )
         return [str(member) for member in found]
 
     @_unavailable_as_503
@@ -336,8 +341,8 @@ class RedisStore(Store):
             found = await self.scripts["due"](keys=self._due_keys, args=[now])
             return [int(p) for p in found]
         async with self.client.pipeline(transaction=False) as pipe:
-            for p in range(self.partitions):
-                pipe.zrangebyscore(self.keys.due(p), "-inf", now, start=0, num=1)
+            for key in self._due_keys:
+                pipe.zrangebyscore(key, "-inf", now, start=0, num=1)
             found = await pipe.execute()
         return [p for p, gids in enumerate(found) if gids]
 
@@ -370,11 +375,7 @@ class RedisStore(Store):
 
     @_unavailable_as_503
     async def sweep(self, partition: int) -> int:
-        band = FINISHED_BAND
-        found = await self.client.zrangebyscore(
-            self.keys.due(partition), band, band + _now_ms(), start=0, num=500
-        )
-        members = [str(m) for m in found]
+        members = await self._due(self.keys.due(partition), 500, FINISHED_BAND)
         if not members:
             return 0
         prefix = self.keys.trans_prefix(partition)
