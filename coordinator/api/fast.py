@@ -31,6 +31,7 @@ from aiohttp import web
 from coordinator.api.auth import bearer_value
 from coordinator.api.envelope import error_answer
 from coordinator.api.routes import BODY_ROUTES, SERVICE, BodyHandler, check_access
+from coordinator.ops.metrics import api_label
 from coordinator.settings import ServerSettings
 
 log = logging.getLogger("coordinator.api")
@@ -115,7 +116,7 @@ class FastFront:
         self.metrics = metrics
         self.enabled = server.fast_http and not server.tracing
         self.routes: dict[bytes, tuple[BodyHandler, str, str]] = {
-            path.encode(): (handler, access, path.rsplit("/", 1)[1].lower())
+            path.encode(): (handler, access, api_label(path))
             for path, (handler, access) in BODY_ROUTES.items()
         }
         self.connections: set[FrontConnection] = set()

@@ -315,9 +315,14 @@ def api_name(request: web.Request) -> str:
     canonical = resource.canonical
     name = _API_NAMES.get(canonical)
     if name is None:
-        parts = [p for p in canonical.split("/") if p and not p.startswith("{")]
-        name = _API_NAMES[canonical] = parts[-1].lower() if parts else "root"
+        name = _API_NAMES[canonical] = api_label(canonical)
     return name
+
+
+def api_label(route: str) -> str:
+    """The `api` label of a route pattern: its last fixed path segment, lower case."""
+    parts = [p for p in route.split("/") if p and not p.startswith("{")]
+    return parts[-1].lower() if parts else "root"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
