@@ -260,7 +260,7 @@ class FrontConnection(asyncio.Protocol):
         self.eof = True
         if self.task is None:
             return None  # nothing to answer: close
-        return True  # answer first, then close (see _done)
+        return True  # answer first, then close (see _answer)
 
     def pause_writing(self) -> None:
         if self.inner is not None:

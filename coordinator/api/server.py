@@ -6,6 +6,8 @@ connection opens and again after each answer, until a whole head has arrived). A
 client that sends a head and then dribbles or stops its body gets 408 after
 `server.body_timeout`. At most `server.max_connections` connections are open at once;
 one more is closed on arrival, so slow clients cannot exhaust file descriptors.
+Every connection starts on the fast path (fast.py), which applies the same two
+timeouts itself until it hands the connection to aiohttp.
 
 A body the client itself broke (invalid gzip) is a 400, and a client that hangs up in
 the middle of its body is an INFO line: neither is the server's fault, so neither may
