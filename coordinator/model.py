@@ -7,11 +7,15 @@ machines read them; neither side reaches into the other.
 from __future__ import annotations
 
 import enum
-import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 _T = TypeVar("_T")
+
+
+_new = object.__new__
+_set = object.__setattr__
 
 
 def evolve(obj: _T, **changes: Any) -> _T:
@@ -19,13 +23,15 @@ def evolve(obj: _T, **changes: Any) -> _T:
 
     dataclasses.replace re-runs __init__ with every field; on the engine's hot path that
     was a tenth of the CPU per transaction. These records have no __post_init__ and no
-    slots, so copying the instance dict is equivalent and several times cheaper.
+    slots, so copying the instance dict is equivalent and several times cheaper (a dict
+    copy, not an update into a new object's empty dict: that re-inserted every field).
     """
-    new = object.__new__(type(obj))
-    new.__dict__.update(obj.__dict__)
-    new.__dict__.update(changes)
+    fields = obj.__dict__.copy()
+    fields.update(changes)
     if "branch_id" in changes or "op" in changes:
-        new.__dict__.pop("key", None)  # derived from them (Branch.key)
+        fields.pop("key", None)  # derived from them (Branch.key)
+    new = _new(type(obj))
+    _set(new, "__dict__", fields)  # frozen dataclasses refuse a plain assignment
     return new
 
 
@@ -76,6 +82,21 @@ class Options:
     concurrent: bool = False
 
 
+class _BranchKey:
+    """Branch.key: like functools.cached_property, without the lock that takes on every
+    first read (Python 3.11); each new branch copy reads its key at least once."""
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _BranchKey: ...
+    @overload
+    def __get__(self, obj: Branch, owner: type | None = None) -> str: ...
+    def __get__(self, obj: Branch | None, owner: type | None = None) -> str | _BranchKey:
+        if obj is None:
+            return self
+        key = obj.__dict__["key"] = f"{obj.branch_id}:{obj.op.value}"
+        return key
+
+
 @dataclass(frozen=True)
 class Branch:
     """One branch operation: a (branch_id, op) pair with the URL to call."""
@@ -95,11 +116,9 @@ class Branch:
     # call names the workflow.
     wire_op: str = ""
 
-    @functools.cached_property
-    def key(self) -> str:
-        # Cached in the instance dict (frozen dataclasses allow it): the engine asks for
-        # it many times per round. evolve() copies it, and only ever changes a status.
-        return f"{self.branch_id}:{self.op.value}"
+    # "<branch_id>:<op>", computed once and kept in the instance dict: the engine asks
+    # for it many times per round. evolve() copies it (and drops it when the id changes).
+    key = _BranchKey()
 
     @property
     def op_name(self) -> str:
@@ -135,17 +154,15 @@ class Trans:
     # repeated submit can be told from a gid reused for other content.
     fingerprint: str = ""
 
-    def with_branches(self, updates: dict[str, BranchStatus]) -> Trans:
+    def with_branches(self, updates: Mapping[str, BranchStatus]) -> Trans:
         """A copy with some branch statuses changed (keys are `Branch.key`)."""
         if not updates:
             return self
-        return evolve(
-            self,
-            branches=tuple(
-                evolve(b, status=updates[b.key]) if b.key in updates else b
-                for b in self.branches
-            ),
-        )
+        branches = []
+        for b in self.branches:
+            status = updates.get(b.key)
+            branches.append(b if status is None else evolve(b, status=status))
+        return evolve(self, branches=tuple(branches))
 
     def payload_bytes(self, branch: Branch) -> bytes:
         """The exact bytes to send with a branch call.
