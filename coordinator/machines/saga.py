@@ -113,29 +113,40 @@ def branches_for(steps: Sequence[Mapping[str, str]]) -> tuple[Branch, ...]:
     return tuple(out)
 
 
+def _actions(trans: Trans) -> list[Branch]:
+    """The actions in step order.
+
+    The branches are stored in step order: branches_for lays a saga out so and the store
+    keeps the creation order (seq). Sorting them by branch_id instead put step "100"
+    before step "11".
+    """
+    return [b for b in trans.branches if b.op is Op.ACTION]
+
+
+def _ordering(trans: Trans, steps: int) -> Ordering:
+    return parse_ordering(trans.custom_data, trans.options.concurrent, steps)
+
+
+def _runnable(actions: Sequence[Branch], order: Ordering, step: int) -> bool:
+    if not order.concurrent:  # the common case, without a tuple per step
+        return step == 0 or actions[step - 1].status is BranchStatus.SUCCEED
+    return all(actions[p].status is BranchStatus.SUCCEED for p in order.before(step))
+
+
 class _Steps:
     """Index of a saga's branches by step."""
 
     def __init__(self, trans: Trans) -> None:
-        self.actions: list[Branch] = []
-        self.compensations: list[Branch] = []
-        for b in trans.branches:
-            (self.actions if b.op is Op.ACTION else self.compensations).append(b)
-        self.actions.sort(key=lambda b: b.branch_id)
-        self.compensations.sort(key=lambda b: b.branch_id)
-        self.order = parse_ordering(
-            trans.custom_data, trans.options.concurrent, len(self.actions)
-        )
-
-    def runnable(self, step: int) -> bool:
-        return all(
-            self.actions[p].status is BranchStatus.SUCCEED for p in self.order.before(step)
-        )
+        self.actions = _actions(trans)
+        self.compensations = [b for b in trans.branches if b.op is not Op.ACTION]
+        self.order = _ordering(trans, len(self.actions))
 
     def may_have_started(self, step: int) -> bool:
         # An action counts as started once it has an answer, or once it was allowed to
         # run: a crash may have lost the record of a call that did reach the service.
-        return self.actions[step].status is not BranchStatus.PREPARED or self.runnable(step)
+        return self.actions[step].status is not BranchStatus.PREPARED or _runnable(
+            self.actions, self.order, step
+        )
 
     def rolled_back(self, step: int) -> bool:
         return (
@@ -144,28 +155,36 @@ class _Steps:
         )
 
 
+# The plans without calls, made once (Plan is frozen).
+_NOTHING = Plan()
+_SUCCEED = Plan(Status.SUCCEED)
+_FAILED = Plan(Status.FAILED)
+
+
 class SagaMachine:
     def plan(self, trans: Trans, now_ms: int, defaults: Defaults) -> Plan:
         if trans.status is Status.SUBMITTED:
             return self._plan_forward(trans, now_ms, defaults)
         if trans.status is Status.ABORTING:
             return self._plan_backward(trans)
-        return Plan()
+        return _NOTHING
 
     def _plan_forward(self, trans: Trans, now_ms: int, defaults: Defaults) -> Plan:
-        steps = _Steps(trans)
-        if any(a.status is BranchStatus.FAILED for a in steps.actions):
+        actions = _actions(trans)
+        statuses = [a.status for a in actions]
+        if BranchStatus.FAILED in statuses:
             return Plan(Status.ABORTING, trans.rollback_reason or "a saga action failed")
-        if all(a.status is BranchStatus.SUCCEED for a in steps.actions):
-            return Plan(Status.SUCCEED)
+        if statuses.count(BranchStatus.SUCCEED) == len(statuses):
+            return _SUCCEED
         if is_timed_out(trans, now_ms, defaults):
             return Plan(
                 Status.ABORTING, f"Timeout after {timeout_of(trans, defaults)} seconds"
             )
+        order = _ordering(trans, len(actions))
         calls = tuple(
             a
-            for i, a in enumerate(steps.actions)
-            if a.status is BranchStatus.PREPARED and steps.runnable(i)
+            for i, a in enumerate(actions)
+            if a.status is BranchStatus.PREPARED and _runnable(actions, order, i)
         )
         return Plan(calls=calls)
 
@@ -174,7 +193,7 @@ class SagaMachine:
         count = len(steps.actions)
         pending = [i for i in range(count) if not steps.rolled_back(i)]
         if not pending:
-            return Plan(Status.FAILED)
+            return _FAILED
         calls = tuple(
             steps.compensations[i]
             for i in reversed(pending)
@@ -189,12 +208,15 @@ class SagaMachine:
         failures: list[str] = []
         retry = Retry.NONE
         actions_pending = 0
-        by_key = {b.key: b for b in trans.branches}
+        by_key: dict[str, Branch] = {}  # built only when an outcome is not a success
         for key, outcome in outcomes.items():
-            branch = by_key[key]
             if outcome.kind is OutcomeKind.SUCCESS:
                 updates[key] = BranchStatus.SUCCEED
-            elif outcome.kind is OutcomeKind.FAILURE and branch.op is Op.ACTION:
+                continue
+            if not by_key:
+                by_key = {b.key: b for b in trans.branches}
+            branch = by_key[key]
+            if outcome.kind is OutcomeKind.FAILURE and branch.op is Op.ACTION:
                 # Only an action may fail; a failing compensation is retried until it
                 # succeeds, since the saga cannot be undone otherwise.
                 updates[key] = BranchStatus.FAILED
