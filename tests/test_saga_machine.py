@@ -172,6 +172,19 @@ def test_sequential_saga_calls_actions_one_at_a_time_in_order() -> None:
     assert p.new_status is Status.SUCCEED
 
 
+def test_steps_past_99_keep_their_order() -> None:
+    # Branch ids of step 100 on have three digits: ordered as text, "100" came before
+    # "11", so step 100 ran after step 10 and its compensation ran in the wrong place.
+    done = {i: BranchStatus.SUCCEED for i in range(10)}
+    assert keys(plan(saga(120, actions=done)).calls) == ["11:action"]
+    done = {i: BranchStatus.SUCCEED for i in range(100)}
+    assert keys(plan(saga(120, actions=done)).calls) == ["101:action"]
+    aborting = saga(101, status=Status.ABORTING,
+                    actions={**{i: BranchStatus.SUCCEED for i in range(100)},
+                             100: BranchStatus.FAILED})
+    assert keys(plan(aborting).calls) == ["101:compensate"]
+
+
 def test_concurrent_saga_runs_steps_whose_prerequisites_succeeded() -> None:
     # Steps 0 and 1 are free, 2 waits for both, 3 waits for 2.
     orders = {"2": [0, 1], "3": [2]}
