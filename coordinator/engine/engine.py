@@ -328,10 +328,18 @@ class Run:
                     # Reloaded: the status changed under us, so re-plan before calling.
                     return written is Written.RELOADED
             self.engine.stats["branch_calls"] += len(plan.calls)
-            results = await asyncio.gather(
-                *(self._timed_call(b, durations) for b in plan.calls),
-                return_exceptions=True,
-            )
+            results: list[Outcome | BaseException]
+            if len(plan.calls) == 1:
+                # One call (msg, tcc, xa, a sequential saga) needs no task of its own.
+                try:
+                    results = [await self._timed_call(plan.calls[0], durations)]
+                except Exception as exc:
+                    results = [exc]
+            else:
+                results = await asyncio.gather(
+                    *(self._timed_call(b, durations) for b in plan.calls),
+                    return_exceptions=True,
+                )
             # The caller maps every expected failure to an outcome; anything it missed
             # is still only this branch's error, not a reason to drop the others' results.
             outcomes = {
@@ -344,7 +352,7 @@ class Run:
                     raise r
         self.engine.observer.branches_done(self.trans, outcomes)
         verdict = self.machine.absorb(self.trans, outcomes, self.now(), self.defaults)
-        self.trans = self.trans.with_branches(dict(verdict.branch_updates))
+        self.trans = self.trans.with_branches(verdict.branch_updates)
         self.pending.update(verdict.branch_updates)
         self.pending_fields.update(verdict.fields)
         if "retry_count" in verdict.fields:
@@ -420,7 +428,8 @@ class Run:
         if written is not Written.APPLIED:
             # Reloaded: the store's status (set by an API call) is what holds, not ours.
             return written is Written.RELOADED
-        self.trans = evolve(self.trans, rollback_reason=reason or self.trans.rollback_reason)
+        if reason:
+            self.trans = evolve(self.trans, rollback_reason=reason)
         if status in FINISHED:
             self.engine.stats["finished"] += 1
             self.engine.observer.finished(self.trans, status, self.now())

@@ -63,9 +63,18 @@ class ObservedCaller(BranchCaller):
         return getattr(self.inner, name)
 
     async def call(self, trans: Trans, branch: Branch) -> Outcome:
-        # gather() runs each call in a task of its own, so this binding stays per branch.
+        # A lone call runs in the engine's own task (several go through gather, a task
+        # each), so the binding is undone after the call: it stays per branch.
         context = log_context.get() or {}
-        log_context.set({**context, "branch_id": branch.branch_id, "op": branch.op_name})
+        token = log_context.set(
+            {**context, "branch_id": branch.branch_id, "op": branch.op_name}
+        )
+        try:
+            return await self._call(trans, branch)
+        finally:
+            log_context.reset(token)
+
+    async def _call(self, trans: Trans, branch: Branch) -> Outcome:
         started = time.perf_counter()
         if self.tracing is None or not branch.url:
             outcome = await self.inner.call(trans, branch)
