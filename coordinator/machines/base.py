@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import NamedTuple, Protocol
 
 from coordinator.model import Branch, BranchStatus, Status, Trans
 
@@ -51,8 +52,14 @@ class Defaults:
     request_timeout: int = 3
 
 
-@dataclass(frozen=True)
-class Plan:
+# Plan and Verdict are named tuples rather than frozen dataclasses: the engine makes a
+# few of each per transaction, and a frozen dataclass's __init__ (one object.__setattr__
+# per field) cost three times as much.
+_NO_UPDATES: Mapping[str, BranchStatus] = MappingProxyType({})
+_NO_FIELDS: Mapping[str, str] = MappingProxyType({})
+
+
+class Plan(NamedTuple):
     """The next step: change the global status, or call these branches, or wait."""
 
     new_status: Status | None = None
@@ -62,15 +69,14 @@ class Plan:
     wake_at_ms: int | None = None
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """What a round of branch outcomes means."""
 
-    branch_updates: Mapping[str, BranchStatus] = field(default_factory=dict)
+    branch_updates: Mapping[str, BranchStatus] = _NO_UPDATES
     new_status: Status | None = None
     reason: str = ""
     retry: Retry = Retry.NONE
-    fields: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, str] = _NO_FIELDS
     # The unfinished branches are to be called again at once (retry_limit, as in dtm);
     # the engine bounds how long such a burst may last.
     retry_at_once: bool = False
