@@ -24,7 +24,7 @@ from coordinator.machines.base import (
     deadline_ms,
     is_timed_out,
 )
-from coordinator.model import Branch, BranchStatus, Op, Status, Trans
+from coordinator.model import Branch, BranchStatus, Op, Status, Trans, new_branch
 
 BACK_CHECK_KEY = "00:msg"
 
@@ -54,7 +54,7 @@ def branches_for(
             urls = [action]
         for j, url in enumerate(urls):
             suffix = "" if len(urls) == 1 else f"-{j + 1:02d}"
-            out.append(Branch(f"{i + 1:02d}{suffix}", Op.ACTION, url))
+            out.append(new_branch(f"{i + 1:02d}{suffix}", Op.ACTION, url))
     return tuple(out)
 
 

@@ -26,7 +26,7 @@ from coordinator.machines.base import (
     is_timed_out,
     timeout_of,
 )
-from coordinator.model import Branch, BranchStatus, Op, Status, Trans
+from coordinator.model import Branch, BranchStatus, Op, Status, Trans, new_branch
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,8 @@ def branches_for(steps: Sequence[Mapping[str, str]]) -> tuple[Branch, ...]:
     out: list[Branch] = []
     for i, step in enumerate(steps):
         bid = f"{i + 1:02d}"
-        out.append(Branch(bid, Op.COMPENSATE, step.get("compensate") or ""))
-        out.append(Branch(bid, Op.ACTION, step.get("action") or ""))
+        out.append(new_branch(bid, Op.COMPENSATE, step.get("compensate") or ""))
+        out.append(new_branch(bid, Op.ACTION, step.get("action") or ""))
     return tuple(out)
 
 
@@ -155,7 +155,7 @@ class _Steps:
         )
 
 
-# The plans without calls, made once (Plan is frozen).
+# The plans without calls, made once (a Plan is immutable).
 _NOTHING = Plan()
 _SUCCEED = Plan(Status.SUCCEED)
 _FAILED = Plan(Status.FAILED)
