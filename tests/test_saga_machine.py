@@ -185,6 +185,25 @@ def test_steps_past_99_keep_their_order() -> None:
     assert keys(plan(aborting).calls) == ["101:compensate"]
 
 
+def test_steps_with_empty_urls_share_a_round_until_a_real_call() -> None:
+    # Empty URLs succeed without a call, so a run of them takes one round; a step with a
+    # URL still waits until the step before it has succeeded.
+    urls = ["", "", "http://svc/a2", "", ""]
+    steps = [{"action": url, "compensate": ""} for url in urls]
+    trans = Trans(gid="g", trans_type="saga", status=Status.SUBMITTED, steps=tuple(steps),
+                  branches=branches_for(steps), create_time=T0)
+    seen: list[list[str]] = []
+    for _ in range(5):
+        p = plan(trans)
+        if p.new_status is not None:
+            break
+        seen.append(keys(p.calls))
+        verdict = MACHINE.absorb(trans, {b.key: SUCCESS for b in p.calls}, T0, DEFAULTS)
+        trans = trans.with_branches(verdict.branch_updates)
+    assert seen == [["01:action", "02:action"], ["03:action"], ["04:action", "05:action"]]
+    assert p.new_status is Status.SUCCEED
+
+
 def test_concurrent_saga_runs_steps_whose_prerequisites_succeeded() -> None:
     # Steps 0 and 1 are free, 2 waits for both, 3 waits for 2.
     orders = {"2": [0, 1], "3": [2]}

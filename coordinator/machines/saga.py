@@ -133,6 +133,24 @@ def _runnable(actions: Sequence[Branch], order: Ordering, step: int) -> bool:
     return all(actions[p].status is BranchStatus.SUCCEED for p in order.before(step))
 
 
+def _in_order(actions: Sequence[Branch]) -> tuple[Branch, ...]:
+    """The actions a sequential saga calls now: those whose predecessor succeeded.
+
+    An action with an empty URL succeeds without a call (the engine records it with its
+    next write), so a run of them goes in one round, not a round each. Only empty ones
+    join such a round: a real call still waits until the success before it is written.
+    """
+    calls: list[Branch] = []
+    for i, a in enumerate(actions):
+        if a.status is not BranchStatus.PREPARED:
+            continue
+        before = actions[i - 1] if i else None
+        if (before is None or before.status is BranchStatus.SUCCEED
+                or (not a.url and not before.url and calls and calls[-1] is before)):
+            calls.append(a)
+    return tuple(calls)
+
+
 class _Steps:
     """Index of a saga's branches by step."""
 
@@ -181,6 +199,8 @@ class SagaMachine:
                 Status.ABORTING, f"Timeout after {timeout_of(trans, defaults)} seconds"
             )
         order = _ordering(trans, len(actions))
+        if not order.concurrent:
+            return Plan(calls=_in_order(actions))
         calls = tuple(
             a
             for i, a in enumerate(actions)
