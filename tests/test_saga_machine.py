@@ -155,19 +155,27 @@ def test_parse_ordering_rejects_invalid_custom_data(custom_data: str) -> None:
 # -- forward ------------------------------------------------------------------------
 
 
-def test_sequential_saga_calls_actions_one_at_a_time_in_order() -> None:
-    trans = saga(3)
+def go_forward(trans: Trans) -> tuple[list[list[str]], Plan]:
+    """Drive a submitted saga with every action succeeding until it plans a new status.
+
+    Returns the rounds of calls the machine asked for and the final plan.
+    """
     seen: list[list[str]] = []
     for _ in range(5):
         p = plan(trans)
         if p.new_status is not None:
-            break
+            return seen, p
         seen.append(keys(p.calls))
         verdict = MACHINE.absorb(trans, {b.key: SUCCESS for b in p.calls}, T0, DEFAULTS)
         assert dict(verdict.branch_updates) == {b.key: BranchStatus.SUCCEED for b in p.calls}
         assert verdict.new_status is None
         assert verdict.retry is Retry.NONE
         trans = trans.with_branches(dict(verdict.branch_updates))
+    return seen, p
+
+
+def test_sequential_saga_calls_actions_one_at_a_time_in_order() -> None:
+    seen, p = go_forward(saga(3))
     assert seen == [["01:action"], ["02:action"], ["03:action"]]
     assert p.new_status is Status.SUCCEED
 
@@ -192,14 +200,7 @@ def test_steps_with_empty_urls_share_a_round_until_a_real_call() -> None:
     steps = [{"action": url, "compensate": ""} for url in urls]
     trans = Trans(gid="g", trans_type="saga", status=Status.SUBMITTED, steps=tuple(steps),
                   branches=branches_for(steps), create_time=T0)
-    seen: list[list[str]] = []
-    for _ in range(5):
-        p = plan(trans)
-        if p.new_status is not None:
-            break
-        seen.append(keys(p.calls))
-        verdict = MACHINE.absorb(trans, {b.key: SUCCESS for b in p.calls}, T0, DEFAULTS)
-        trans = trans.with_branches(verdict.branch_updates)
+    seen, p = go_forward(trans)
     assert seen == [["01:action", "02:action"], ["03:action"], ["04:action", "05:action"]]
     assert p.new_status is Status.SUCCEED
 
