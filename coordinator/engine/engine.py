@@ -335,6 +335,11 @@ class Run:
                     results = [await self._timed_call(plan.calls[0], durations)]
                 except Exception as exc:
                     results = [exc]
+                # A cancel the call swallowed (wait_for on 3.11) still ends the run here,
+                # before any write, as it did when gather's own future was cancelled.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
             else:
                 results = await asyncio.gather(
                     *(self._timed_call(b, durations) for b in plan.calls),
