@@ -83,7 +83,7 @@ class Options:
 
 
 class _BranchKey:
-    """Branch.key: like functools.cached_property, without the lock that takes on every
+    """Branch.key: like functools.cached_property, without the lock it takes on every
     first read (Python 3.11); each new branch copy reads its key at least once."""
 
     @overload
