@@ -61,6 +61,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coordinator.errors import StoreUnavailable
+from coordinator.store.direct import DirectPipeline
 from coordinator.store.scripts import BATCH_ERROR
 
 # (script, keys, args, writes, future); writes: 0 reads, 1 engine write, 2 acknowledged
@@ -148,6 +149,14 @@ class ScriptBatcher:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _pipeline(self) -> Any:
+        """A pipeline without MULTI: on one Redis a DirectPipeline (direct.py), on a
+        cluster redis-py's, which sends each node its commands."""
+        if self._cluster:
+            return self.client.pipeline(transaction=False)
+        assert isinstance(self.client, aioredis.Redis)
+        return DirectPipeline(self.client)
 
     def _node(self, keys: Sequence[Any]) -> ClusterNode | None:
         """The primary that serves the call's slot (None on a single Redis)."""
@@ -273,7 +282,7 @@ class ScriptBatcher:
             nodes: list[str] = []
             short: dict[int, int] = {}  # call -> replicas of a primary with too few
             units = self._units(batch)
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with self._pipeline() as pipe:
                 by_node: dict[str, tuple[ClusterNode | None, list[int]]] = {}
                 for unit in units:
                     self._queue_unit(pipe, [batch[i] for i in unit])
@@ -352,7 +361,7 @@ class ScriptBatcher:
         last: BaseException | None = None
         while not future.done():
             try:
-                async with self.client.pipeline(transaction=False) as pipe:
+                async with self._pipeline() as pipe:
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                     node = self._node(keys) if writes and self.wait_replicas else None
                     name = node.name if node is not None else ""

@@ -220,6 +220,11 @@ def _member(table: dict[str, _E], kind: type[_E], value: Any) -> _E:
         return kind(value)
 
 
+def status_of(value: Any) -> Status:
+    """`Status(value)`, for a tenth of the cost."""
+    return _member(_STATUSES, Status, value)
+
+
 def _made(cls: type[_R], values: dict[str, Any]) -> _R:
     """A frozen record from the values of ALL its fields, as its __init__ would make it.
 
@@ -307,7 +312,7 @@ def _trans_from_hash(fields: Mapping[str, str], branch_records: Iterable[str]) -
     return _made(Trans, {
         "gid": fields["gid"],
         "trans_type": get("trans_type", ""),
-        "status": _member(_STATUSES, Status, fields["status"]),
+        "status": status_of(fields["status"]),
         "steps": tuple(_loads(get("steps"), list)),
         "payloads": tuple(_loads(get("payloads"), list)),
         "branches": tuple(branches),

@@ -45,6 +45,7 @@ from coordinator.store.codec import (
     branches_json,
     flat_pairs,
     split_hash,
+    status_of,
     trans_field_pairs,
     trans_from_hash,
     trans_from_pairs,
@@ -311,15 +312,16 @@ class RedisStore(Store):
         started = time.perf_counter()
         reply = await self._batch.call(self.scripts["transition"], keys, args, writes=writes)
         self.observer.script("transition", time.perf_counter() - started)
-        wanted = f"move to '{change.new_status.value}'" if change.new_status else "update"
-        raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", wanted)
-        return TransitionResult(Status(reply[1]), int(reply[2]), reply[3] == "1")
+        if reply[0] != "OK":
+            wanted = f"move to '{change.new_status.value}'" if change.new_status else "update"
+            raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", wanted)
+        return TransitionResult(status_of(reply[1]), int(reply[2]), reply[3] == "1")
 
     @_unavailable_as_503
     async def load(self, gid: str) -> Trans | None:
-        keys = self.keys.for_gid(gid)
+        keys = self.keys.trans_keys(gid)[:1]
         started = time.perf_counter()
-        record = await self._batch.call(self.scripts["load"], [keys.trans], [], writes=READ)
+        record = await self._batch.call(self.scripts["load"], keys, [], writes=READ)
         self.observer.script("load", time.perf_counter() - started)
         if not record:
             return None
