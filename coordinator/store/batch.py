@@ -286,11 +286,12 @@ class ScriptBatcher:
                 by_node: dict[str, tuple[ClusterNode | None, list[int]]] = {}
                 for unit in units:
                     self._queue_unit(pipe, [batch[i] for i in unit])
-                for i, (_, keys, _, writes, _) in enumerate(batch):
-                    node = self._node(keys) if self.wait_replicas else None
+                # Without wait_replicas nothing below needs the calls' nodes.
+                for i, (_, keys, _, writes, _) in enumerate(batch if self.wait_replicas else ()):
+                    node = self._node(keys)
                     name = node.name if node is not None else ""
                     nodes.append(name)
-                    if writes and self.wait_replicas:
+                    if writes:
                         have = self._short_of_replicas(name)
                         if have is not None:
                             short[i] = have

@@ -347,7 +347,9 @@ class RedisStore(Store):
         if not self.cluster:
             # One script call: a pipeline of one command per partition costs the
             # coordinator milliseconds of CPU per look, several looks a second.
-            found = await self.scripts["due"](keys=self._due_keys, args=[now])
+            found = await self._batch.call(
+                self.scripts["due"], self._due_keys, [now], writes=READ
+            )
             return [int(p) for p in found]
         async with self.client.pipeline(transaction=False) as pipe:
             for key in self._due_keys:
