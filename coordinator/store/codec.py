@@ -34,20 +34,12 @@ def split_hash(
 
 
 def options_to_json(options: Options) -> str:
-    # Attribute by attribute rather than a loop of getattr: every create encodes one.
     data: dict[str, Any] = {}
-    if options.wait_result:
-        data["wait_result"] = options.wait_result
-    if options.timeout_to_fail:
-        data["timeout_to_fail"] = options.timeout_to_fail
-    if options.request_timeout:
-        data["request_timeout"] = options.request_timeout
-    if options.retry_interval:
-        data["retry_interval"] = options.retry_interval
-    if options.retry_limit:
-        data["retry_limit"] = options.retry_limit
-    if options.concurrent:
-        data["concurrent"] = options.concurrent
+    for name in ("wait_result", "timeout_to_fail", "request_timeout", "retry_interval",
+                 "retry_limit", "concurrent"):
+        value = getattr(options, name)
+        if value:
+            data[name] = value
     if options.branch_headers:
         data["branch_headers"] = options.branch_headers
     return orjson.dumps(data).decode()
@@ -112,16 +104,10 @@ def trans_field_pairs(trans: Trans) -> list[str]:
         out += ("steps", orjson.dumps(trans.steps).decode())
     if trans.payloads:
         out += ("payloads", orjson.dumps(trans.payloads).decode())
-    if trans.custom_data:
-        out += ("custom_data", trans.custom_data)
-    if trans.query_prepared:
-        out += ("query_prepared", trans.query_prepared)
-    if trans.rollback_reason:
-        out += ("rollback_reason", trans.rollback_reason)
-    if trans.result:
-        out += ("result", trans.result)
-    if trans.fingerprint:
-        out += ("fingerprint", trans.fingerprint)
+    for name in ("custom_data", "query_prepared", "rollback_reason", "result", "fingerprint"):
+        value = getattr(trans, name)
+        if value:
+            out += (name, value)
     if trans.ext_headers:
         out += ("ext", orjson.dumps({"headers": trans.ext_headers}).decode())
     return out
