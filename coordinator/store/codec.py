@@ -250,11 +250,6 @@ class CorruptRecord(ValueError):
         self.fields = dict(fields)
 
 
-def trans_from_record(record: Mapping[str, str]) -> Trans:
-    """A transaction from one HGETALL of its hash (transaction and branch fields)."""
-    return trans_from_hash(*split_hash(record))
-
-
 def trans_from_pairs(flat: Sequence[bytes | str]) -> Trans:
     """A transaction from one HGETALL as returned inside a script reply: a flat
     [name, value, name, value, ...] list, split into transaction and branch fields in
