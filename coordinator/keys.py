@@ -12,6 +12,7 @@ the partition explicitly, written like a Redis hash tag: ``{3}order-42``.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from dataclasses import dataclass
@@ -69,9 +70,24 @@ class KeySpace:
     def partition(self, gid: str) -> int:
         return partition_of(gid, self.partitions)
 
+    def _build(self, p: int) -> tuple[str, str, str]:
+        """A partition's transaction key prefix, due index and listing index."""
+        return (f"{self.prefix}:trans:{tag(p)}:", f"{self.prefix}:due:{tag(p)}",
+                f"{self.prefix}:created:{tag(p)}")
+
+    @functools.cached_property
+    def _named(self) -> tuple[tuple[str, str, str], ...]:
+        # Every script call names a transaction's keys; built once per partition here
+        # rather than by three f-strings per call. (A frozen dataclass without slots
+        # keeps a cached_property in its instance dict.)
+        return tuple(self._build(p) for p in range(self.partitions))
+
+    def _names(self, p: int) -> tuple[str, str, str]:
+        return self._named[p] if 0 <= p < self.partitions else self._build(p)
+
     def trans_prefix(self, partition: int) -> str:
         """What a transaction key starts with; scripts append the gid."""
-        return f"{self.prefix}:trans:{tag(partition)}:"
+        return self._names(partition)[0]
 
     def legacy_branches_pattern(self) -> str:
         """SCAN pattern of the branch hashes of layout 1, which kept each transaction's
@@ -83,10 +99,10 @@ class KeySpace:
         return f"{self.prefix}:trans:" + branches_key[len(self.prefix) + len(":branches:"):]
 
     def due(self, partition: int) -> str:
-        return f"{self.prefix}:due:{tag(partition)}"
+        return self._names(partition)[1]
 
     def created(self, partition: int) -> str:
-        return f"{self.prefix}:created:{tag(partition)}"
+        return self._names(partition)[2]
 
     def legacy_expiry(self, partition: int) -> str:
         """The index of finished transactions of layouts 1 and 2; the due index's
@@ -94,16 +110,16 @@ class KeySpace:
         return f"{self.prefix}:expiry:{tag(partition)}"
 
     def for_gid(self, gid: str) -> TransKeys:
-        p = self.partition(gid)
-        return TransKeys(
-            trans=self.trans_prefix(p) + gid,
-            due=self.due(p),
-            created=self.created(p),
-        )
+        return TransKeys(*self.trans_keys(gid))
+
+    def trans_keys(self, gid: str) -> list[str]:
+        """`for_gid(gid).as_list()`, the KEYS of every transition script, in one step."""
+        trans, due, created = self._named[partition_of(gid, self.partitions)]
+        return [trans + gid, due, created]
 
     def partition_keys(self, partition: int) -> list[str]:
         """KEYS for the per-partition scripts (claim, sweep)."""
-        return [self.due(partition), self.created(partition)]
+        return list(self._names(partition)[1:])
 
     def kv(self, cat: str) -> str:
         """Key-value records (topics); small and global, kept in one slot."""

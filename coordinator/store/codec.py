@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import orjson
 
 from coordinator.keys import BRANCH_FIELD
 from coordinator.model import Branch, BranchStatus, Op, Options, Status, Trans
 
+_R = TypeVar("_R")
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def pairs_to_dict(flat: Sequence[bytes | str]) -> dict[str, str]:
-    """HGETALL as returned inside a script reply: a flat [k, v, k, v, ...] list."""
-    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def split_hash(
@@ -65,6 +62,23 @@ def _str_map(value: Any) -> dict[str, str]:
 
 
 def options_from_json(raw: str) -> Options:
+    """Options of a stored transaction. Most transactions store one of a few spellings
+    ("{}", '{"wait_result":true}'), so decoded ones are kept by their text and shared:
+    Options are frozen, and nothing changes their headers in place."""
+    found = _options_seen.get(raw)
+    if found is None:
+        found = _options_from_json(raw)
+        if len(_options_seen) >= _OPTIONS_KEPT:
+            _options_seen.clear()
+        _options_seen[raw] = found
+    return found
+
+
+_options_seen: dict[str, Options] = {}
+_OPTIONS_KEPT = 256
+
+
+def _options_from_json(raw: str) -> Options:
     data = _loads(raw, dict)
     return Options(
         wait_result=bool(data.get("wait_result", False)),
@@ -77,25 +91,26 @@ def options_from_json(raw: str) -> Options:
     )
 
 
-def trans_fields(trans: Trans) -> dict[str, str]:
-    """The hash fields `create` stores besides gid, status and the times it sets itself."""
-    fields = {
-        "trans_type": trans.trans_type,
-        "protocol": trans.protocol,
-        "options": options_to_json(trans.options),
-        "next_cron_interval": str(trans.next_cron_interval),
-    }
+def trans_field_pairs(trans: Trans) -> list[str]:
+    """The hash fields `create` stores besides gid, status and the times it sets itself,
+    as the flat name, value, name, value list of create.lua's ARGV."""
+    out = [
+        "trans_type", trans.trans_type,
+        "protocol", trans.protocol,
+        "options", options_to_json(trans.options),
+        "next_cron_interval", str(trans.next_cron_interval),
+    ]
     if trans.steps:
-        fields["steps"] = orjson.dumps(list(trans.steps)).decode()
+        out += ("steps", orjson.dumps(trans.steps).decode())
     if trans.payloads:
-        fields["payloads"] = orjson.dumps(list(trans.payloads)).decode()
+        out += ("payloads", orjson.dumps(trans.payloads).decode())
     for name in ("custom_data", "query_prepared", "rollback_reason", "result", "fingerprint"):
         value = getattr(trans, name)
         if value:
-            fields[name] = value
+            out += (name, value)
     if trans.ext_headers:
-        fields["ext"] = orjson.dumps({"headers": trans.ext_headers}).decode()
-    return fields
+        out += ("ext", orjson.dumps({"headers": trans.ext_headers}).decode())
+    return out
 
 
 def flat_pairs(fields: Mapping[str, str]) -> list[str]:
@@ -103,8 +118,8 @@ def flat_pairs(fields: Mapping[str, str]) -> list[str]:
     return [text for pair in fields.items() for text in pair]
 
 
-def branch_to_json(branch: Branch) -> dict[str, str]:
-    out = {
+def branch_to_json(branch: Branch) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "branch_id": branch.branch_id,
         "op": branch.op.value,
         "url": branch.url,
@@ -119,24 +134,27 @@ def branches_json(branches: Sequence[Branch]) -> str:
     return orjson.dumps([branch_to_json(b) for b in branches]).decode()
 
 
-def branch_records(branches: Sequence[Branch]) -> list[str]:
+def branch_records(branches: Sequence[Branch]) -> list[str | bytes]:
     """The branch pairs of create.lua's ARGV: per branch, its field name and its JSON
     record cut off where the creation time goes.
 
     The script appends the time it reads from Redis to each, instead of decoding and
     re-encoding every record: that JSON work was about half of create's time in Redis.
+    The records stay bytes: the command packer takes them as they are.
     """
-    out: list[str] = []
+    out: list[str | bytes] = []
     for seq, branch in enumerate(branches, 1):
-        record = {**branch_to_json(branch), "seq": seq, "create_time": ""}
+        record = branch_to_json(branch)
+        record["seq"] = seq
+        record["create_time"] = ""
         out.append(BRANCH_FIELD + branch.key)
-        out.append(orjson.dumps(record)[:-2].decode())  # ends in "create_time":"
+        out.append(orjson.dumps(record)[:-2])  # ends in "create_time":"
     return out
 
 
 def branch_update_args(
     updates: Mapping[str, BranchStatus], records: Mapping[str, Branch]
-) -> list[str]:
+) -> list[str | bytes]:
     """The branch triples of transition.lua's ARGV: per result, its field name, its new
     status and its record cut off where the update time goes, or "" when the caller's
     copy cannot reproduce the stored record (the script then edits the stored one).
@@ -144,24 +162,25 @@ def branch_update_args(
     The record is the one create or register stored (see `branch_records`) with the new
     status; the script appends update_time, and finish_time unless still prepared.
     """
-    out: list[str] = []
+    out: list[str | bytes] = []
     for key, status in updates.items():
-        out += [f"{BRANCH_FIELD}{key}", status.value, _record_head(records.get(key), status)]
+        out += (BRANCH_FIELD + key, status.value, _record_head(records.get(key), status))
     return out
 
 
-def _record_head(branch: Branch | None, status: BranchStatus) -> str:
+def _record_head(branch: Branch | None, status: BranchStatus) -> str | bytes:
     # A copy without its seq or creation time (never read back) cannot say what is
     # stored, nor can one that stays prepared with a finish time the script would drop.
     if branch is None or not branch.seq or not branch.create_time or (
         status is BranchStatus.PREPARED and branch.finish_time
     ):
         return ""
-    record = {
-        **branch_to_json(branch), "status": status.value, "seq": branch.seq,
-        "create_time": str(branch.create_time), "update_time": "",
-    }
-    return orjson.dumps(record)[:-2].decode()  # ends in "update_time":"
+    record = branch_to_json(branch)
+    record["status"] = status.value
+    record["seq"] = branch.seq
+    record["create_time"] = str(branch.create_time)
+    record["update_time"] = ""
+    return orjson.dumps(record)[:-2]  # ends in "update_time":"
 
 
 def _int(value: Any) -> int:
@@ -171,19 +190,54 @@ def _int(value: Any) -> int:
         return 0
 
 
+# Enum members by value: a dict lookup costs a tenth of calling the class. The class
+# is still called for a value the table does not hold, so an unknown one fails as it
+# always did (ValueError, naming the value).
+_OPS = {m.value: m for m in Op}
+_BRANCH_STATUSES = {m.value: m for m in BranchStatus}
+_STATUSES = {m.value: m for m in Status}
+_E = TypeVar("_E", Op, BranchStatus, Status)
+
+
+def _member(table: dict[str, _E], kind: type[_E], value: Any) -> _E:
+    try:
+        return table[value]
+    except (KeyError, TypeError):
+        return kind(value)
+
+
+def status_of(value: Any) -> Status:
+    """`Status(value)`, for a tenth of the cost."""
+    return _member(_STATUSES, Status, value)
+
+
+def _made(cls: type[_R], values: dict[str, Any]) -> _R:
+    """A frozen record from the values of ALL its fields, as its __init__ would make it.
+
+    That __init__ sets each field through object.__setattr__, which costs more than the
+    rest of decoding a record (a claim decodes a hundred at once). The records have no
+    __post_init__ and no slots (see model.evolve, which copies them the same way), and
+    tests/test_codec.py checks that the values name every field.
+    """
+    obj = object.__new__(cls)
+    obj.__dict__.update(values)
+    return obj
+
+
 def branch_from_json(raw: str) -> Branch:
     data = orjson.loads(raw)
-    return Branch(
-        branch_id=data["branch_id"],
-        op=Op(data["op"]),
-        url=data.get("url", ""),
-        status=BranchStatus(data.get("status", "prepared")),
-        data=data.get("data", ""),
-        seq=_int(data.get("seq")),
-        create_time=_int(data.get("create_time")),
-        update_time=_int(data.get("update_time")),
-        finish_time=_int(data.get("finish_time")),
-    )
+    return _made(Branch, {
+        "branch_id": data["branch_id"],
+        "op": _member(_OPS, Op, data["op"]),
+        "url": data.get("url", ""),
+        "status": _member(_BRANCH_STATUSES, BranchStatus, data.get("status", "prepared")),
+        "data": data.get("data", ""),
+        "seq": _int(data.get("seq")),
+        "create_time": _int(data.get("create_time")),
+        "update_time": _int(data.get("update_time")),
+        "finish_time": _int(data.get("finish_time")),
+        "wire_op": "",
+    })
 
 
 class CorruptRecord(ValueError):
@@ -196,45 +250,67 @@ class CorruptRecord(ValueError):
         self.fields = dict(fields)
 
 
-def trans_from_record(record: Mapping[str, str]) -> Trans:
-    """A transaction from one HGETALL of its hash (transaction and branch fields)."""
-    return trans_from_hash(*split_hash(record))
+def trans_from_pairs(flat: Sequence[bytes | str]) -> Trans:
+    """A transaction from one HGETALL as returned inside a script reply: a flat
+    [name, value, name, value, ...] list, split into transaction and branch fields in
+    one pass."""
+    # A reply is all str or, from a client that does not decode replies, all bytes.
+    texts = cast("Sequence[str]", flat)
+    if flat and not isinstance(flat[0], str):
+        texts = [_text(x) for x in flat]
+    fields: dict[str, str] = {}
+    branches: list[str] = []
+    for name, value in zip(texts[::2], texts[1::2], strict=True):
+        if name.startswith(BRANCH_FIELD):
+            branches.append(value)
+        else:
+            fields[name] = value
+    return _checked(fields, branches)
 
 
 def trans_from_hash(fields: Mapping[str, str], branch_fields: Mapping[str, str]) -> Trans:
     """Raises CorruptRecord for a record whose status or branches cannot be read; the
     other fields fall back to their empty values. A field set to "" reads as absent
     (a finished transaction keeps its lease fields empty rather than deleted)."""
+    return _checked(fields, branch_fields.values())
+
+
+def _checked(fields: Mapping[str, str], branch_records: Iterable[str]) -> Trans:
     try:
-        return _trans_from_hash(fields, branch_fields)
+        return _trans_from_hash(fields, branch_records)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptRecord(fields, f"{type(exc).__name__}: {exc}"[:200]) from exc
 
 
-def _trans_from_hash(fields: Mapping[str, str], branch_fields: Mapping[str, str]) -> Trans:
-    branches = sorted((branch_from_json(v) for v in branch_fields.values()), key=lambda b: b.seq)
-    ext = _loads(fields.get("ext"), dict)
-    return Trans(
-        gid=fields["gid"],
-        trans_type=fields.get("trans_type", ""),
-        status=Status(fields["status"]),
-        steps=tuple(_loads(fields.get("steps"), list)),
-        payloads=tuple(_loads(fields.get("payloads"), list)),
-        branches=tuple(branches),
-        custom_data=fields.get("custom_data", ""),
-        query_prepared=fields.get("query_prepared", ""),
-        protocol=fields.get("protocol", "http"),
-        rollback_reason=fields.get("rollback_reason", ""),
-        result=fields.get("result", ""),
-        options=options_from_json(fields.get("options", "")),
-        ext_headers=_str_map(ext.get("headers")),
-        create_time=_int(fields.get("create_time")),
-        update_time=_int(fields.get("update_time")),
-        finish_time=_int(fields.get("finish_time")),
-        rollback_time=_int(fields.get("rollback_time")),
-        next_cron_interval=_int(fields.get("next_cron_interval")),
-        next_cron_time=_int(fields.get("next_cron_time")),
-        retry_count=_int(fields.get("retry_count")),
-        owner=fields.get("owner", ""),
-        fingerprint=fields.get("fingerprint", ""),
-    )
+def _seq(branch: Branch) -> int:
+    return branch.seq
+
+
+def _trans_from_hash(fields: Mapping[str, str], branch_records: Iterable[str]) -> Trans:
+    branches = sorted(map(branch_from_json, branch_records), key=_seq)
+    get = fields.get
+    ext = _loads(get("ext"), dict)
+    return _made(Trans, {
+        "gid": fields["gid"],
+        "trans_type": get("trans_type", ""),
+        "status": status_of(fields["status"]),
+        "steps": tuple(_loads(get("steps"), list)),
+        "payloads": tuple(_loads(get("payloads"), list)),
+        "branches": tuple(branches),
+        "custom_data": get("custom_data", ""),
+        "query_prepared": get("query_prepared", ""),
+        "protocol": get("protocol", "http"),
+        "rollback_reason": get("rollback_reason", ""),
+        "result": get("result", ""),
+        "options": options_from_json(get("options", "")),
+        "ext_headers": _str_map(ext.get("headers")),
+        "create_time": _int(get("create_time")),
+        "update_time": _int(get("update_time")),
+        "finish_time": _int(get("finish_time")),
+        "rollback_time": _int(get("rollback_time")),
+        "next_cron_interval": _int(get("next_cron_interval")),
+        "next_cron_time": _int(get("next_cron_time")),
+        "retry_count": _int(get("retry_count")),
+        "owner": get("owner", ""),
+        "fingerprint": get("fingerprint", ""),
+    })

@@ -44,11 +44,11 @@ from coordinator.store.codec import (
     branch_update_args,
     branches_json,
     flat_pairs,
-    pairs_to_dict,
     split_hash,
-    trans_fields,
+    status_of,
+    trans_field_pairs,
     trans_from_hash,
-    trans_from_record,
+    trans_from_pairs,
 )
 from coordinator.store.packing import use_c_packing
 from coordinator.store.scripts import (
@@ -252,9 +252,8 @@ class RedisStore(Store):
         self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of lua/create.lua for this transaction."""
-        keys = self.keys.for_gid(trans.gid)
-        fields = flat_pairs(trans_fields(trans))
-        return keys.as_list(), [
+        fields = trans_field_pairs(trans)
+        args: list[Any] = [
             trans.gid,
             trans.status.value,
             len(fields) // 2,
@@ -262,9 +261,10 @@ class RedisStore(Store):
             max(0, due_in_ms),
             owner,
             lease_ms or self.lease_ms,
-            *fields,
-            *branch_records(trans.branches),
         ]
+        args += fields
+        args += branch_records(trans.branches)
+        return self.keys.trans_keys(trans.gid), args
 
     @_unavailable_as_503
     async def create(
@@ -281,9 +281,14 @@ class RedisStore(Store):
 
     def transition_call(self, gid: str, change: Transition) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of lua/transition.lua for this change."""
-        return self.keys.for_gid(gid).as_list(), [
+        expected = _expected_text.get(change.expected)
+        if expected is None:
+            expected = _expected_text[change.expected] = ",".join(
+                sorted(s.value for s in change.expected)
+            )
+        args: list[Any] = [
             gid,
-            ",".join(s.value for s in change.expected),
+            expected,
             change.owner,
             change.new_status.value if change.new_status else "",
             len(change.fields),
@@ -292,9 +297,12 @@ class RedisStore(Store):
             change.lease,
             change.lease_ms or self.lease_ms,
             self.finished_ttl_s,
-            *flat_pairs(change.fields),
-            *branch_update_args(change.branch_updates, change.records),
         ]
+        if change.fields:
+            args += flat_pairs(change.fields)
+        if change.branch_updates:
+            args += branch_update_args(change.branch_updates, change.records)
+        return self.keys.trans_keys(gid), args
 
     @_unavailable_as_503
     async def transition(self, gid: str, change: Transition) -> TransitionResult:
@@ -304,19 +312,20 @@ class RedisStore(Store):
         started = time.perf_counter()
         reply = await self._batch.call(self.scripts["transition"], keys, args, writes=writes)
         self.observer.script("transition", time.perf_counter() - started)
-        wanted = f"move to '{change.new_status.value}'" if change.new_status else "update"
-        raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", wanted)
-        return TransitionResult(Status(reply[1]), int(reply[2]), reply[3] == "1")
+        if reply[0] != "OK":
+            wanted = f"move to '{change.new_status.value}'" if change.new_status else "update"
+            raise_for_reply(reply[0], gid, reply[1] if len(reply) > 1 else "", wanted)
+        return TransitionResult(status_of(reply[1]), int(reply[2]), reply[3] == "1")
 
     @_unavailable_as_503
     async def load(self, gid: str) -> Trans | None:
-        keys = self.keys.for_gid(gid)
+        keys = self.keys.trans_keys(gid)[:1]
         started = time.perf_counter()
-        record = await self._batch.call(self.scripts["load"], [keys.trans], [], writes=READ)
+        record = await self._batch.call(self.scripts["load"], keys, [], writes=READ)
         self.observer.script("load", time.perf_counter() - started)
         if not record:
             return None
-        return trans_from_record(pairs_to_dict(record))
+        return trans_from_pairs(record)
 
     async def _due(self, zset: str, limit: int, band: int = 0) -> builtins.list[str]:
         """Members of a partition's due index that look due by this host's clock: of
@@ -338,7 +347,9 @@ class RedisStore(Store):
         if not self.cluster:
             # One script call: a pipeline of one command per partition costs the
             # coordinator milliseconds of CPU per look, several looks a second.
-            found = await self.scripts["due"](keys=self._due_keys, args=[now])
+            found = await self._batch.call(
+                self.scripts["due"], self._due_keys, [now], writes=READ
+            )
             return [int(p) for p in found]
         async with self.client.pipeline(transaction=False) as pipe:
             for key in self._due_keys:
@@ -364,7 +375,7 @@ class RedisStore(Store):
         claimed = []
         for _gid, token, record, previous in reply[1:]:
             try:
-                trans = trans_from_record(pairs_to_dict(record))
+                trans = trans_from_pairs(record)
             except CorruptRecord as exc:
                 # Left to its lease (and reported each time it comes round): one damaged
                 # record must not fail the claim of every transaction in its batch.
@@ -482,6 +493,11 @@ class RedisStore(Store):
     @_unavailable_as_503
     async def delete_topic(self, topic: str) -> bool:
         return bool(await self.client.hdel(self.keys.kv("topics"), topic))
+
+
+# The expected-status argument of transition.lua per set of statuses; the engine and
+# the API use a handful of sets.
+_expected_text: dict[frozenset[Status], str] = {}
 
 
 def _now_ms() -> int:
