@@ -248,12 +248,18 @@ class UrlPolicy:
     def check_trans(self, trans: Trans) -> None:
         """Every URL a prepare/submit names: step actions and compensations (topics are
         resolved to subscribers, checked when they subscribed) and query_prepared."""
+        protocol = trans.protocol
+        passed = self._passed.get(protocol)
         for i, step in enumerate(trans.steps):
             for key in ("action", "compensate"):
-                value = step.get(key) or ""
+                value = step.get(key)
+                # Empty and already passed URLs are let through before the field's name
+                # is spelled out (only an error needs it).
+                if not value or (passed is not None and passed.get(value)):
+                    continue
                 if not value.startswith(TOPIC_PREFIX):
-                    self.check(value, f"steps[{i}].{key}", trans.protocol)
-        self.check(trans.query_prepared, "query_prepared", trans.protocol)
+                    self.check(value, f"steps[{i}].{key}", protocol)
+        self.check(trans.query_prepared, "query_prepared", protocol)
 
     def allows(self, url: str, protocol: str = "http") -> bool:
         """For the engine: may a stored URL be called (allowlist changed since)?"""
