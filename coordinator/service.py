@@ -8,6 +8,7 @@ gRPC) parses its own wire format and renders the answers: nothing here imports o
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import string
 from collections.abc import Mapping
@@ -60,6 +61,9 @@ class Service:
         self.store = engine.store
         self.settings = settings
         self.urls = UrlPolicy(settings.engine.allowed_branch_hosts)
+        # wait_result requests waiting for their run (see _run_or_stop).
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._stop_hooked: asyncio.Future[None] | None = None
 
     # -- creating and finishing ------------------------------------------------------------
 
@@ -171,13 +175,8 @@ class Service:
             # Stop waiting when the server shuts down: the client then gets ONGOING at
             # once instead of a dropped connection, and the exit keeps to the grace
             # period (the server would otherwise wait for this request first).
-            waits: set[asyncio.Future[Any]] = {task, self.engine.stopping()}
-            done, _ = await asyncio.wait(
-                waits,
-                timeout=self.settings.server.wait_result_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if task in done and not task.cancelled():
+            await self._run_or_stop(task, self.settings.server.wait_result_timeout)
+            if task.done() and not task.cancelled():
                 final = task.result()
         else:
             # Driven elsewhere (another process, or later by a worker of this one).
@@ -192,6 +191,36 @@ class Service:
             raise TransactionOngoing(
                 f"transaction {gid} is {final.status.value}; it will be retried"
             )
+
+    async def _run_or_stop(self, task: asyncio.Task[Trans], timeout: float) -> None:
+        """Wait until `task` is done, the engine begins to stop, or `timeout` passed.
+
+        What asyncio.wait with FIRST_COMPLETED does, without its sets and coroutine,
+        and without a callback per request on the engine's shared stopping future
+        (whose removal scans every other waiter's): that future wakes all waiters at
+        once through one callback.
+        """
+        stopping = self.engine.stopping()
+        if task.done() or stopping.done():
+            return
+        if stopping is not self._stop_hooked:
+            self._stop_hooked = stopping
+            stopping.add_done_callback(self._wake_waiters)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(timeout, _wake, waiter)
+        task.add_done_callback(waiter_wake := functools.partial(_wake, waiter))
+        self._waiters.add(waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            task.remove_done_callback(waiter_wake)
+            self._waiters.discard(waiter)
+
+    def _wake_waiters(self, _stopping: asyncio.Future[None]) -> None:
+        for waiter in self._waiters:
+            _wake(waiter)
 
     async def _watch(self, gid: str) -> Trans | None:
         """Follow a transaction that another run drives until that run's round is over.
@@ -376,6 +405,11 @@ class Service:
     @staticmethod
     def version() -> dict[str, str]:
         return {"version": __version__}
+
+
+def _wake(waiter: asyncio.Future[None], *_done: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _check_topic(topic: str, url: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from coordinator.api.wire import MAX_STEPS, TransRequest, check_gid, parse_register, parse_trans
 from coordinator.errors import BadRequest
-from coordinator.model import BranchStatus, Op, Status
+from coordinator.model import BranchStatus, Op, Status, Trans
 from coordinator.settings import Settings, SettingsError
 
 # -- wire -------------------------------------------------------------------------------
@@ -69,6 +70,21 @@ def test_parse_saga_builds_the_transaction() -> None:
     assert t.query_prepared == "http://svc/query"
     assert t.protocol == "http"
     assert req.req_extra == {"k": "v"}
+
+
+def test_parsed_transaction_is_the_one_its_constructor_makes() -> None:
+    """parse_trans copies a blank record instead of calling Trans(...): the result must
+    be equal, and own its mutable fields (ext_headers)."""
+    ordered = '{"concurrent":false}'
+    for body in (saga_body(), saga_body(custom_data=ordered, wait_result=True, retry_limit=3),
+                 {"gid": "g-2", "trans_type": "tcc"}):
+        one, two = parse(body).trans, parse(body).trans
+        fields = {f.name: getattr(one, f.name) for f in dataclasses.fields(Trans)}
+        assert one == Trans(**fields)
+        assert one.ext_headers is not two.ext_headers
+    # Any other field with a per-record default would be shared between records.
+    assert [f.name for f in dataclasses.fields(Trans)
+            if f.default_factory is not dataclasses.MISSING] == ["ext_headers"]
 
 
 def test_non_saga_modes_carry_no_branches_and_need_no_steps() -> None:

@@ -39,11 +39,13 @@ log = logging.getLogger("coordinator.api")
 # aiohttp refuses longer request lines and header fields with 400/431: such heads go
 # to it untouched.
 MAX_HEAD = 8190
-_REQUEST_LINE = re.compile(rb"POST (/[!-~]*) HTTP/1\.1")
-# A field as RFC 9110 allows it (token name, visible characters, spaces and tabs in
-# the value); anything else, obsolete line folding included, goes to aiohttp.
-_FIELD = re.compile(
-    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~\x80-\xff]|[ \t]+[!-~\x80-\xff])*)[ \t]*"
+# The request line, then fields as RFC 9110 allows them (token name, visible characters,
+# spaces and tabs in the value); anything else, obsolete line folding included, goes to
+# aiohttp. One match over the whole head: a match per line cost twice as much.
+_VCHAR = rb"[!-~\x80-\xff]"
+_HEAD = re.compile(
+    rb"POST (/[!-~]*) HTTP/1\.1((?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[ \t]*"
+    rb"(?:" + _VCHAR + rb"+(?:[ \t]+" + _VCHAR + rb"+)*)?[ \t]*)*)"
 )
 _DIGITS = re.compile(rb"[0-9]{1,12}")
 # A line ending without its CR: aiohttp decides what such a head means.
@@ -71,22 +73,19 @@ class Request:
 def parse_head(head: bytes, routes: dict[bytes, tuple[BodyHandler, str, str]],
                max_body: int) -> Request | None:
     """The request of a head (without its blank line), or None to leave it to aiohttp."""
-    lines = head.split(b"\r\n")
-    line = _REQUEST_LINE.fullmatch(lines[0])
-    if line is None:
+    head_match = _HEAD.fullmatch(head)
+    if head_match is None:
         return None
-    path = line.group(1).partition(b"?")[0]
+    path = head_match.group(1).partition(b"?")[0]
     route = routes.get(path)
     if route is None:
         return None
     req = Request(path, *route)
     seen_length = False
-    for raw in lines[1:]:
-        field = _FIELD.fullmatch(raw)
-        if field is None:
-            return None
-        name = field.group(1).lower()
-        value = field.group(2)
+    for raw in head_match.group(2).split(b"\r\n")[1:]:
+        name, _, value = raw.partition(b":")
+        name = name.lower()
+        value = value.strip(b" \t")
         if name == b"content-length":
             if seen_length or not _DIGITS.fullmatch(value):
                 return None
@@ -165,14 +164,13 @@ class FastFront:
 
     def response(self, status: int, payload: bytes, extra: tuple[tuple[str, str], ...] = (),
                  close: bool = False) -> bytes:
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"]
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n")
         for name, value in extra:
-            head.append(f"{name}: {value}\r\n")
+            head += f"{name}: {value}\r\n"
         if close:
-            head.append("Connection: close\r\n")
-        return b"".join((*(h.encode() for h in head), b"Date: ", self.date(), b"\r\n\r\n",
-                         payload))
+            head += "Connection: close\r\n"
+        return b"".join((head.encode(), b"Date: ", self.date(), b"\r\n\r\n", payload))
 
     async def drain(self, _app: web.Application) -> None:
         """On shutdown (after the engine began to stop): close idle connections, let

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from collections.abc import Callable
 
@@ -15,6 +16,20 @@ from coordinator.machines.base import SUCCESS, Outcome, OutcomeKind
 from coordinator.model import Branch, Trans
 
 _MAX_MESSAGE = 300
+# What quote_plus leaves as it is (urllib's always-safe set): such a value goes into
+# the query string unchanged, and gids, branch ids, types and ops nearly always are.
+_URL_SAFE = re.compile(r"[0-9A-Za-z_.~-]*")
+
+
+def _quoted(value: str) -> str:
+    return value if _URL_SAFE.fullmatch(value) else urllib.parse.quote_plus(value)
+
+
+def branch_query(trans: Trans, branch: Branch) -> str:
+    """The query string of a branch call, byte for byte what `urllib.parse.urlencode`
+    makes of the four fields, at a quarter of its cost."""
+    return (f"gid={_quoted(trans.gid)}&trans_type={_quoted(trans.trans_type)}"
+            f"&branch_id={_quoted(branch.branch_id)}&op={_quoted(branch.op_name)}")
 
 
 class BranchCaller:
@@ -59,23 +74,23 @@ class BranchCaller:
         headers = {"Content-Type": "application/json"}
         headers.update(trans.ext_headers)
         headers.update(trans.options.branch_headers)
+        seconds = trans.options.request_timeout or self.default_timeout
+        if self.pool is not None and branch.url.startswith("http://"):
+            try:
+                status, raw = await self.pool.request(
+                    method, branch.url, branch_query(trans, branch), headers, raw_body,
+                    seconds,
+                )
+            except (Http1Error, TimeoutError, ValueError, OSError) as exc:
+                kind = "TimeoutError" if isinstance(exc, TimeoutError) else type(exc).__name__
+                return Outcome(OutcomeKind.ERROR, f"{kind}: {exc}"[:_MAX_MESSAGE])
+            return classify(status, raw.decode(errors="replace"))
         params = {
             "gid": trans.gid,
             "trans_type": trans.trans_type,
             "branch_id": branch.branch_id,
             "op": branch.op_name,
         }
-        seconds = trans.options.request_timeout or self.default_timeout
-        if self.pool is not None and branch.url.startswith("http://"):
-            try:
-                status, raw = await self.pool.request(
-                    method, branch.url, urllib.parse.urlencode(params), headers,
-                    raw_body, seconds,
-                )
-            except (Http1Error, TimeoutError, ValueError, OSError) as exc:
-                kind = "TimeoutError" if isinstance(exc, TimeoutError) else type(exc).__name__
-                return Outcome(OutcomeKind.ERROR, f"{kind}: {exc}"[:_MAX_MESSAGE])
-            return classify(status, raw.decode(errors="replace"))
         timeout = aiohttp.ClientTimeout(total=seconds)
         try:
             async with self.session.request(

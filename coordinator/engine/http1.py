@@ -16,7 +16,7 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 
-from coordinator.urls import HOST_NAME
+from coordinator.urls import HOST_NAME, UrlCache
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 8 << 20
@@ -34,6 +34,16 @@ class Target:
 
     @classmethod
     def parse(cls, url: str) -> Target:
+        """The target of a URL; raises ValueError. A branch's few URLs are called over
+        and over, so their targets are kept (within the bounds of a UrlCache)."""
+        found = _TARGETS.get(url)
+        if found is None:
+            found = cls._parse(url)
+            _TARGETS.put(url, found)
+        return found
+
+    @classmethod
+    def _parse(cls, url: str) -> Target:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"not a plain http URL: {url!r}")
@@ -47,6 +57,7 @@ class Target:
         return cls(parts.hostname, parts.port or 80, path)
 
 
+_TARGETS: UrlCache[Target] = UrlCache()
 # RFC 3986 pchar (and "/") besides the unreserved set quote() keeps; "%" keeps escapes.
 _PATH_SAFE = "/%:@!$&'()*+,;="
 _QUERY_SAFE = _PATH_SAFE + "?"
@@ -87,7 +98,6 @@ class Http1Pool:
         timeout: float,
     ) -> tuple[int, bytes]:
         """One exchange; raises Http1Error or TimeoutError."""
-        # Parsed per call: a URL cache kept up to 10,000 client URLs of any length.
         target = Target.parse(url)
         sep = "&" if "?" in target.path else "?"
         host = f"[{target.host}]" if ":" in target.host else target.host
