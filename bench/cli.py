@@ -160,11 +160,14 @@ def median_of(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                            "runs": len(results)}
     if "loadgen" in results[0]:
         out["loadgen"] = results[0]["loadgen"]
-    for key, value in results[0].items():
-        if isinstance(value, bool) or key in ("scenario", "timeline"):
+    # Over the runs that have the figure: a rate can be None in one run (a phase too
+    # short to measure) and a number in the next.
+    for key in dict.fromkeys(k for r in results for k in r):
+        if key in ("scenario", "timeline"):
             continue
-        if isinstance(value, int | float):
-            values = [r[key] for r in results if isinstance(r.get(key), int | float)]
+        values = [r[key] for r in results
+                  if isinstance(r.get(key), int | float) and not isinstance(r[key], bool)]
+        if values:
             out[key] = statistics.median(values)
     out["tx_per_s_min"] = min(r["tx_per_s"] for r in results)
     out["tx_per_s_max"] = max(r["tx_per_s"] for r in results)

@@ -27,6 +27,8 @@ from coordinator.keys import FINISHED_BAND, KeySpace, tag
 PARTITION = 3
 ITEM = "item-1"
 SERVICE_PROCESSES = 2
+# A rate over a shorter phase than this is noise (or a division by almost nothing).
+MIN_PHASE_SECONDS = 1.0
 
 
 async def flash_sale(opts: RunOptions) -> dict[str, Any]:
@@ -131,7 +133,9 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
     buys = [x - measured_start for x in bought if x >= measured_start]
     sell_seconds = (max(buys) - min(buys)) if len(buys) > 1 else 0.0
     sold_out = max(0, s.count - successes)
-    sold_out_seconds = max(opts.duration - (max(buys) if buys else 0.0), 1e-9)
+    # The sold-out phase runs from the last successful buy to the end; a stock that
+    # lasted (nearly) the whole run leaves no phase to measure a rate over.
+    sold_out_seconds = opts.duration - (max(buys) if buys else 0.0)
     done_at = next((sec for sec, count in orders_over_time if count >= sold), None)
     return {
         "scenario": "flash-sale",
@@ -153,7 +157,8 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
         "correct": correct,
         "buys_per_s": round(successes / sell_seconds, 1) if sell_seconds else None,
         "orders_per_s": round(sold / done_at, 1) if done_at else None,
-        "sold_out_per_s": round(sold_out / sold_out_seconds, 1),
+        "sold_out_per_s": (round(sold_out / sold_out_seconds, 1)
+                           if sold_out_seconds >= MIN_PHASE_SECONDS else None),
         "redis_calls_per_tx": round((after["script_calls"] - before["script_calls"]) / n, 2),
         "redis_commands_per_tx": round((after["commands"] - before["commands"]) / n, 2),
         "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
