@@ -52,6 +52,10 @@ class Sale:
         self.stock_key = f"flash:stock:{t}:{item}"
         self.orders_key = f"flash:orders:{t}:{item}"
         self.barrier_prefix = f"flash:barrier:{t}:"
+        # The same for every purchase (frozen records, so one copy serves them all).
+        self.steps = ({"action": order_url},)
+        self.branches = branches_for([{"action": order_url}], {})
+        self.options = Options(retry_interval=1)
         client = store.client
         self.buy_script = client.register_script(script_text("flash_buy"))
         self.order_script = client.register_script(script_text("flash_order"))
@@ -75,9 +79,8 @@ class Sale:
         payload = orjson.dumps({"user": user, "item": self.item}).decode()
         trans = Trans(
             gid=gid, trans_type="msg", status=Status.SUBMITTED,
-            steps=({"action": self.order_url},), payloads=(payload,),
-            branches=branches_for([{"action": self.order_url}], {}),
-            options=Options(retry_interval=1),
+            steps=self.steps, payloads=(payload,), branches=self.branches,
+            options=self.options,
         )
         keys, args = self.store.create_call(trans, due_in_ms=0)
         keys += [self.stock_key, f"{self.barrier_prefix}{gid}-00-msg-01"]
