@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +42,33 @@ def _render(status: int, body: bytes, close: bool) -> bytes:
     if close:
         head += b"Connection: close\r\n"
     return head + b"\r\n" + body
+
+
+# What makes urlsplit read a target other than as path?query: a fragment, the
+# characters it deletes, a netloc ("//"); parse_qsl: ";" in older Pythons.
+_NOT_PLAIN = re.compile(r"[#;\t\r\n]|^//|^[^/]")
+
+
+def _target(target: str) -> tuple[str, dict[str, str]]:
+    """The path and query of a request target, as urlsplit and parse_qsl read them.
+
+    An origin-form target without a fragment (every one the coordinator sends) is split
+    by hand at a fraction of their cost.
+    """
+    if _NOT_PLAIN.search(target):
+        split = urllib.parse.urlsplit(target)
+        return split.path, dict(urllib.parse.parse_qsl(split.query))
+    path, _, raw = target.partition("?")
+    query: dict[str, str] = {}
+    for pair in raw.split("&") if raw else ():
+        name, _, value = pair.partition("=")
+        if not value:  # parse_qsl drops blank values
+            continue
+        if "%" in pair or "+" in pair:
+            name = urllib.parse.unquote(name.replace("+", " "))
+            value = urllib.parse.unquote(value.replace("+", " "))
+        query[name] = value
+    return path, query
 
 
 class Http1Protocol(asyncio.Protocol):
@@ -91,9 +119,8 @@ class Http1Protocol(asyncio.Protocol):
                 return
             body = self.buffer[end + 4 : total]
             self.buffer = self.buffer[total:]
-            target = urllib.parse.urlsplit(parts[1])
-            request = Request(parts[0], target.path, dict(urllib.parse.parse_qsl(target.query)),
-                              body)
+            path, query = _target(parts[1])
+            request = Request(parts[0], path, query, body)
             close = headers.get("connection", "").lower() == "close"
             self.queue.append((request, close))
             if self.worker is None:

@@ -39,7 +39,8 @@ def test_branch_query_is_urlencode(gid: str, trans_type: str, branch_id: str, op
 
 
 def test_branch_query_common_cases() -> None:
-    for gid in ("Ab3kdfjK39dkfjKDJ3kd0a", "g-1.2_3~", "a b+c", "x&y=z#1", "100%", "é/ü"):
+    for gid in ("Ab3kdfjK39dkfjKDJ3kd0a", "g-1.2_3~", "a b+c", "x&y=z#1", "100%", "é/ü",
+                "{3}0af9", "{12}", "{}x", "{3}a b", "{x}1", "{3}{4}", "{٣}1"):
         got, expected = query_of(gid, "saga", "01", Op.ACTION, "")
         assert got == expected, gid
 

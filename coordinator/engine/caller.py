@@ -19,10 +19,17 @@ _MAX_MESSAGE = 300
 # What quote_plus leaves as it is (urllib's always-safe set): such a value goes into
 # the query string unchanged, and gids, branch ids, types and ops nearly always are.
 _URL_SAFE = re.compile(r"[0-9A-Za-z_.~-]*")
+# A gid that names its partition ("{3}..."): only the braces need escaping.
+_TAGGED = re.compile(r"\{([0-9]*)\}([0-9A-Za-z_.~-]*)")
 
 
 def _quoted(value: str) -> str:
-    return value if _URL_SAFE.fullmatch(value) else urllib.parse.quote_plus(value)
+    if _URL_SAFE.fullmatch(value):
+        return value
+    tagged = _TAGGED.fullmatch(value)
+    if tagged is not None:
+        return f"%7B{tagged[1]}%7D{tagged[2]}"
+    return urllib.parse.quote_plus(value)
 
 
 def branch_query(trans: Trans, branch: Branch) -> str:

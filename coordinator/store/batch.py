@@ -214,8 +214,8 @@ class ScriptBatcher:
             return [[i] for i in range(len(batch))]
         units: list[list[int]] = []
         groups: dict[int, list[int]] = {}
-        for i, (script, keys, *_) in enumerate(batch):
-            slot = self._shared_slot(script, keys)
+        for i, call in enumerate(batch):
+            slot = self._shared_slot(call[0], call[1])
             if slot is None:
                 units.append([i])
             elif slot in groups:

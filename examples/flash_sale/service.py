@@ -31,7 +31,7 @@ import orjson
 
 from coordinator.keys import KeySpace, tag
 from coordinator.machines.msg import branches_for
-from coordinator.model import Options, Status, Trans
+from coordinator.model import Options, Status, Trans, evolve
 from coordinator.store.batch import ScriptBatcher
 from coordinator.store.redis_store import RedisStore
 from coordinator.store.scripts import batch_script_text, script_text
@@ -52,6 +52,14 @@ class Sale:
         self.stock_key = f"flash:stock:{t}:{item}"
         self.orders_key = f"flash:orders:{t}:{item}"
         self.barrier_prefix = f"flash:barrier:{t}:"
+        # Every purchase is this message with its own gid and payload: copying it costs
+        # a fraction of building one (a buyer answered "sold out" builds one too).
+        self.purchase = Trans(
+            gid="", trans_type="msg", status=Status.SUBMITTED,
+            steps=({"action": order_url},), payloads=("",),
+            branches=branches_for([{"action": order_url}], {}),
+            options=Options(retry_interval=1),
+        )
         client = store.client
         self.buy_script = client.register_script(script_text("flash_buy"))
         self.order_script = client.register_script(script_text("flash_order"))
@@ -73,12 +81,7 @@ class Sale:
     async def buy(self, user: str) -> tuple[bool, str]:
         gid = f"{{{self.partition}}}{uuid.uuid4().hex}"
         payload = orjson.dumps({"user": user, "item": self.item}).decode()
-        trans = Trans(
-            gid=gid, trans_type="msg", status=Status.SUBMITTED,
-            steps=({"action": self.order_url},), payloads=(payload,),
-            branches=branches_for([{"action": self.order_url}], {}),
-            options=Options(retry_interval=1),
-        )
+        trans = evolve(self.purchase, gid=gid, payloads=(payload,))
         keys, args = self.store.create_call(trans, due_in_ms=0)
         keys += [self.stock_key, f"{self.barrier_prefix}{gid}-00-msg-01"]
         reply = await self.batch.call(self.buy_script, keys, [*args, 1, BARRIER_TTL_S])
