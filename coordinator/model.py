@@ -135,6 +135,23 @@ def new_branch(branch_id: str, op: Op, url: str) -> Branch:
 _BLANK_BRANCH = Branch("", Op.ACTION, "")
 
 
+def stamped(branches: tuple[Branch, ...], now: int) -> tuple[Branch, ...]:
+    """The branches as create stores them: seq by position, created and updated at `now`.
+
+    evolve per branch (a keyword dict and a key check each) was most of what the engine
+    spent rebuilding a new transaction's branches after its create.
+    """
+    out = []
+    for seq, branch in enumerate(branches, 1):
+        fields = branch.__dict__.copy()
+        fields["seq"] = seq
+        fields["create_time"] = fields["update_time"] = now
+        new = _new(Branch)
+        _set(new, "__dict__", fields)
+        out.append(new)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Trans:
     """A global transaction with its branches, as read from the store."""
