@@ -14,12 +14,12 @@ import hashlib
 
 import orjson
 
-from coordinator.model import Trans, evolve
+from coordinator.model import Trans
 from coordinator.store.codec import options_to_json
 
 
 def fingerprint(trans: Trans) -> str:
-    options = options_to_json(evolve(trans.options, wait_result=False))
+    options = options_to_json(trans.options, wait_result=False)
     content = orjson.dumps(
         [trans.trans_type, list(trans.steps), list(trans.payloads), trans.custom_data,
          trans.query_prepared, trans.protocol, options],

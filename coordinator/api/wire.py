@@ -195,7 +195,8 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
         allowed = ", ".join(sorted(TRANS_TYPES))
         raise BadRequest(f"trans_type {trans_type!r} is not one of {allowed}", "trans_type")
     steps, payloads = _steps(data)
-    options = Options(
+    options = evolve(  # a copy of a blank, as for the Trans below
+        _BLANK_OPTIONS,
         wait_result=_boolean(data, "wait_result"),
         timeout_to_fail=_integer(data, "timeout_to_fail"),
         request_timeout=_integer(data, "request_timeout"),
@@ -256,6 +257,7 @@ def parse_trans(body: bytes | Mapping[str, Any], status: Status) -> TransRequest
 
 
 _BLANK = Trans(gid="", trans_type="", status=Status.PREPARED)
+_BLANK_OPTIONS = Options()
 
 
 GRPC_METADATA_VALUE = re.compile(r"^[\x20-\x7e]*\Z")

@@ -32,7 +32,7 @@ from coordinator.machines.base import (
     deadline_ms,
     next_interval,
 )
-from coordinator.model import FINISHED, Branch, BranchStatus, Status, Trans, evolve
+from coordinator.model import FINISHED, Branch, BranchStatus, Status, Trans, evolve, stamped
 from coordinator.observer import NULL_OBSERVER, Observer
 from coordinator.settings import EngineSettings
 from coordinator.store.base import Store, Transition
@@ -226,10 +226,7 @@ class Engine:
             # send the records whole (see Transition.records).
             stored = evolve(
                 trans, create_time=now, update_time=now, owner=token,
-                branches=tuple(
-                    evolve(b, seq=seq, create_time=now, update_time=now)
-                    for seq, b in enumerate(trans.branches, 1)
-                ),
+                branches=stamped(trans.branches, now),
             )
             return self.spawn(self._run(stored, token, now, sent))
         await self.store.create(trans, due_in_ms=due_in_ms)

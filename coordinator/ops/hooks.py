@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from coordinator.engine.caller import BranchCaller
@@ -39,13 +40,17 @@ class ObservedEngine(Engine):
         ):
             return await super()._run(trans, token, now_ms, leased_at)
 
-    async def create_and_run(self, trans: Trans, *, due_in_ms: int) -> asyncio.Task[Trans] | None:
+    def create_and_run(
+        self, trans: Trans, *, due_in_ms: int
+    ) -> Coroutine[Any, Any, asyncio.Task[Trans] | None]:
+        # Not a coroutine itself: the engine's one is handed back as it is, rather than
+        # awaited through one more frame on every submit (its resumptions included).
         if self.tracing is not None:
             # Stored with the transaction so a later round in any process joins the trace.
             parent = self.tracing.current_traceparent()
             if parent:
                 trans = evolve(trans, ext_headers={**trans.ext_headers, TRACEPARENT: parent})
-        return await super().create_and_run(trans, due_in_ms=due_in_ms)
+        return super().create_and_run(trans, due_in_ms=due_in_ms)
 
 
 class ObservedCaller(BranchCaller):

@@ -33,10 +33,14 @@ def split_hash(
     return trans, branches
 
 
-def options_to_json(options: Options) -> str:
+def options_to_json(options: Options, *, wait_result: bool = True) -> str:
+    """The stored options: only those set. wait_result=False leaves that one out (the
+    fingerprint's view) without copying the record to clear it."""
     data: dict[str, Any] = {}
-    for name in ("wait_result", "timeout_to_fail", "request_timeout", "retry_interval",
-                 "retry_limit", "concurrent"):
+    if wait_result and options.wait_result:
+        data["wait_result"] = options.wait_result
+    for name in ("timeout_to_fail", "request_timeout", "retry_interval", "retry_limit",
+                 "concurrent"):
         value = getattr(options, name)
         if value:
             data[name] = value
