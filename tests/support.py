@@ -149,6 +149,9 @@ class Participant:
             await self._runner.cleanup()
 
 
+PORT_RACE_ATTEMPTS = 3
+
+
 class CoordinatorProcess:
     """`coordinator serve` as a child process, on its own port and key prefix."""
 
@@ -178,6 +181,20 @@ class CoordinatorProcess:
         return f"{self.base}/api/dtmsvr"
 
     async def start(self, timeout: float = 15.0) -> CoordinatorProcess:
+        # free_port() only finds a port that was free a moment ago: another test process
+        # may take it before the coordinator binds it. A first start that lost that race
+        # tries fresh ports; a restart keeps its ports (tests reconnect to them).
+        for _ in range(PORT_RACE_ATTEMPTS if self.proc is None else 1):
+            try:
+                return await self._start(timeout)
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc):
+                    raise
+                last = exc
+                self.port, self.grpc_port = free_port(), free_port()
+        raise last
+
+    async def _start(self, timeout: float) -> CoordinatorProcess:
         env = dict(os.environ)
         env.update(
             {
