@@ -16,6 +16,8 @@ import time
 from array import array
 from typing import Any
 
+import aiohttp
+
 from bench.env import BenchEnv, free_port, redis_counters, wait_http
 from bench.health import CpuMeter, LoopLag, lag_figures, with_lag
 from bench.loadgen import run_load
@@ -29,6 +31,27 @@ ITEM = "item-1"
 SERVICE_PROCESSES = 2
 # A rate over a shorter phase than this is noise (or a division by almost nothing).
 MIN_PHASE_SECONDS = 1.0
+
+
+async def wait_all_listening(url: str, processes: int, timeout: float = 20.0) -> None:
+    """Until `processes` different processes have answered on fresh connections.
+
+    The load generator's keep-alive connections stay with the process that accepted
+    them: opened while only the first service process listened, they all went to it
+    and its sibling sat idle for the whole run.
+    """
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < processes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(seen)} of {processes} processes answer at {url}")
+        # A new connection each time: the kernel spreads connections, not requests.
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
+            state = await r.json(content_type=None)
+        if "pid" not in state:
+            return  # a service of an older revision (--compare) does not say
+        seen.add(int(state["pid"]))
+        await asyncio.sleep(0.02)
 
 
 async def flash_sale(opts: RunOptions) -> dict[str, Any]:
@@ -56,6 +79,7 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
             "--item", ITEM, "--reuse-port", root=env.root,
         )
     await wait_http(f"http://127.0.0.1:{port}/state")
+    await wait_all_listening(f"http://127.0.0.1:{port}/state", SERVICE_PROCESSES)
     stock = opts.stock or int(max(2000, 4000 * opts.duration / 4))
 
     bought = array("d")

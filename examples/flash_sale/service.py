@@ -6,7 +6,7 @@ POST /buy?user=U      buy one unit. One Lua script checks and deducts the stock 
                       "result":"sold out"}.
 POST /order           the message's action, called by the coordinator: creates the
                       order behind a barrier, so a repeated delivery creates nothing.
-GET  /state           stock left and orders created.
+GET  /state           stock left, orders created, and which process answered (pid).
 
 The HTTP front is examples/http1.py rather than aiohttp: the buyer path's real work is
 one Redis call, and aiohttp's own per-request cost would dominate it.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import uuid
 
@@ -95,7 +96,9 @@ class Sale:
     async def state(self) -> dict[str, int]:
         stock = await self.store.client.get(self.stock_key)
         orders = await self.store.client.hlen(self.orders_key)
-        return {"stock": int(stock or 0), "orders": int(orders)}
+        # pid: with --reuse-port several processes share the port; a caller can tell
+        # that every one of them is listening before it opens long-lived connections.
+        return {"stock": int(stock or 0), "orders": int(orders), "pid": os.getpid()}
 
 
 def routes(sale: Sale) -> dict[tuple[str, str], Handler]:
