@@ -30,11 +30,14 @@ def evolve(obj: _T, **changes: Any) -> _T:
     fields.update(changes)
     if "branch_id" in changes or "op" in changes:
         fields.pop("key", None)  # derived from them (Branch.key)
-    return _with_dict(type(obj), fields)
+    return record_of(type(obj), fields)
 
 
-def _with_dict(cls: type[_T], fields: dict[str, Any]) -> _T:
-    """An instance of a frozen record made of its instance dict, without __init__."""
+def record_of(cls: type[_T], fields: dict[str, Any]) -> _T:
+    """An instance of a frozen record made of its instance dict (the values of ALL its
+    fields), without __init__, which sets each field through object.__setattr__ and
+    costs more than the rest of decoding or copying a record. The records have no
+    __post_init__ and no slots; the dict becomes the instance's own."""
     new = _new(cls)
     _set(new, "__dict__", fields)  # frozen dataclasses refuse a plain assignment
     return new
@@ -138,7 +141,7 @@ def new_branch(branch_id: str, op: Op, url: str) -> Branch:
     fields["branch_id"] = branch_id
     fields["op"] = op
     fields["url"] = url
-    return _with_dict(Branch, fields)
+    return record_of(Branch, fields)
 
 
 # Taken before anything could ask the blank for its key (which it would then keep).
@@ -156,7 +159,7 @@ def stamped(branches: tuple[Branch, ...], now: int) -> tuple[Branch, ...]:
         fields = branch.__dict__.copy()
         fields["seq"] = seq
         fields["create_time"] = fields["update_time"] = now
-        out.append(_with_dict(Branch, fields))
+        out.append(record_of(Branch, fields))
     return tuple(out)
 
 

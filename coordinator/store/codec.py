@@ -8,9 +8,7 @@ from typing import Any, TypeVar, cast
 import orjson
 
 from coordinator.keys import BRANCH_FIELD
-from coordinator.model import Branch, BranchStatus, Op, Options, Status, Trans
-
-_R = TypeVar("_R")
+from coordinator.model import Branch, BranchStatus, Op, Options, Status, Trans, record_of
 
 
 def _text(value: bytes | str) -> str:
@@ -215,22 +213,12 @@ def status_of(value: Any) -> Status:
     return _member(_STATUSES, Status, value)
 
 
-def _made(cls: type[_R], values: dict[str, Any]) -> _R:
-    """A frozen record from the values of ALL its fields, as its __init__ would make it.
-
-    That __init__ sets each field through object.__setattr__, which costs more than the
-    rest of decoding a record (a claim decodes a hundred at once). The records have no
-    __post_init__ and no slots (see model.evolve, which copies them the same way), and
-    tests/test_codec.py checks that the values name every field.
-    """
-    obj = object.__new__(cls)
-    obj.__dict__.update(values)
-    return obj
-
-
+# The decoders below build records from the values of every field, without __init__
+# (a claim decodes a hundred at once); tests/test_codec.py checks that they name every
+# field.
 def branch_from_json(raw: str) -> Branch:
     data = orjson.loads(raw)
-    return _made(Branch, {
+    return record_of(Branch, {
         "branch_id": data["branch_id"],
         "op": _member(_OPS, Op, data["op"]),
         "url": data.get("url", ""),
@@ -294,7 +282,7 @@ def _trans_from_hash(fields: Mapping[str, str], branch_records: Iterable[str]) -
     branches = sorted(map(branch_from_json, branch_records), key=_seq)
     get = fields.get
     ext = _loads(get("ext"), dict)
-    return _made(Trans, {
+    return record_of(Trans, {
         "gid": fields["gid"],
         "trans_type": get("trans_type", ""),
         "status": status_of(fields["status"]),
