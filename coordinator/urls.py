@@ -221,14 +221,16 @@ class UrlPolicy:
     def check(self, url: str, field: str, protocol: str = "http") -> None:
         """Raise BadRequest naming `field` unless `url` may be called. Empty is allowed
         (dtm: an empty branch URL succeeds without a call)."""
-        if not url:
-            return
-        passed = self._passed.get(protocol)
-        if passed is not None and passed.get(url):
+        if not url or self._passed_before(url, protocol):
             return
         self._check(url, field, protocol)
+        passed = self._passed.get(protocol)
         if passed is not None:
             passed.put(url, True)
+
+    def _passed_before(self, url: str, protocol: str) -> bool:
+        passed = self._passed.get(protocol)
+        return passed is not None and bool(passed.get(url))
 
     def _check(self, url: str, field: str, protocol: str) -> None:
         if len(url) > MAX_URL:
@@ -249,13 +251,12 @@ class UrlPolicy:
         """Every URL a prepare/submit names: step actions and compensations (topics are
         resolved to subscribers, checked when they subscribed) and query_prepared."""
         protocol = trans.protocol
-        passed = self._passed.get(protocol)
         for i, step in enumerate(trans.steps):
             for key in ("action", "compensate"):
                 value = step.get(key)
                 # Empty and already passed URLs are let through before the field's name
                 # is spelled out (only an error needs it).
-                if not value or (passed is not None and passed.get(value)):
+                if not value or self._passed_before(value, protocol):
                     continue
                 if not value.startswith(TOPIC_PREFIX):
                     self.check(value, f"steps[{i}].{key}", protocol)
