@@ -278,18 +278,22 @@ class Run:
         self.pending: dict[str, BranchStatus] = {}
         self.pending_fields: dict[str, str] = {}
         self._burst_started: float | None = None  # of the current at-once retries
+        self._task: asyncio.Task[Any] | None = None  # the one running drive()
 
     def now(self) -> int:
         base_ms, base_mono = self._clock_base
         return base_ms + int((time.monotonic() - base_mono) * 1000)
 
+    def _stop_if_cancelled(self) -> None:
+        """On Python 3.11 a cancel can be swallowed inside a client's wait_for (a Redis
+        reply, a branch call); a cancelled run must not go on calling or writing."""
+        if self._task is not None and self._task.cancelling():
+            raise asyncio.CancelledError
+
     async def drive(self) -> Trans:
-        task = asyncio.current_task()
+        self._task = asyncio.current_task()
         while True:
-            # On Python 3.11 a cancel that lands as a Redis reply arrives can be swallowed
-            # inside the client's wait_for; a cancelled run must not go on calling branches.
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            self._stop_if_cancelled()
             if self.trans.status in FINISHED:
                 return self.trans
             plan = self.machine.plan(self.trans, self.now(), self.defaults)
@@ -332,11 +336,8 @@ class Run:
                     results = [await self._timed_call(plan.calls[0], durations)]
                 except Exception as exc:
                     results = [exc]
-                # A cancel the call swallowed (wait_for on 3.11) still ends the run here,
-                # before any write, as it did when gather's own future was cancelled.
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError
+                # Before any write, as when gather's own future was cancelled.
+                self._stop_if_cancelled()
             else:
                 results = await asyncio.gather(
                     *(self._timed_call(b, durations) for b in plan.calls),
