@@ -22,18 +22,19 @@ local function create_transaction(K, A)
   local hset = {'gid', A[1], 'status', A[2], 'create_time', snow, 'update_time', snow,
                 unpack(A, 8, first_branch - 1)}
 
-  local next_due = now + tonumber(A[5])
-  hset[#hset + 1] = 'next_cron_time'
-  hset[#hset + 1] = string.format('%d', next_due)
-  local score = next_due
+  -- Scores go to ZADD as text: a Lua number would cost Redis a "%.17g" of it.
+  local score = string.format('%d', now + tonumber(A[5]))
+  local n = #hset
+  hset[n + 1] = 'next_cron_time'
+  hset[n + 2] = score
   if A[6] ~= '' then
     -- The creating instance processes the transaction itself; while its lease holds the
     -- due entry points at the lease's end, so a crash hands the work to another worker.
-    score = now + tonumber(A[7])
-    hset[#hset + 1] = 'owner'
-    hset[#hset + 1] = A[6]
-    hset[#hset + 1] = 'lease_until'
-    hset[#hset + 1] = string.format('%d', score)
+    score = string.format('%d', now + tonumber(A[7]))
+    hset[n + 3] = 'owner'
+    hset[n + 4] = A[6]
+    hset[n + 5] = 'lease_until'
+    hset[n + 6] = score
   end
 
   -- The listing index orders by creation time, then gid; members are unique per gid.
@@ -47,7 +48,7 @@ local function create_transaction(K, A)
   -- branches are fields of the same hash, so one write stores everything: each
   -- redis.call has a fixed cost of its own.
   local ends = snow .. '","update_time":"' .. snow .. '"}'
-  local n = #hset
+  n = #hset
   for i = first_branch, first_branch + 2 * tonumber(A[4]) - 2, 2 do
     hset[n + 1] = A[i]
     hset[n + 2] = A[i + 1] .. ends
@@ -56,6 +57,6 @@ local function create_transaction(K, A)
   redis.call('HSET', K[1], unpack(hset))
 
   redis.call('ZADD', K[2], score, member)
-  redis.call('ZADD', K[3], 0, member)
+  redis.call('ZADD', K[3], '0', member)
   return {'OK', snow}
 end

@@ -3,6 +3,9 @@
 -- the compare half of every compare-and-set.
 
 local function status_in(list, status)
+  if list == status then
+    return true  -- a list of one, as most are: no pattern matching
+  end
   for s in string.gmatch(list, '[^,]+') do
     if s == status then
       return true

@@ -118,9 +118,11 @@ if new == 'succeed' or new == 'failed' then
   -- The transaction is one key, so all of it expires at the same moment. Its due entry
   -- moves into the finished band, scored by that moment: no claim looks there, and the
   -- sweep drops it with the listing entry once the moment has passed.
-  local ttl = tonumber(ARGV[10])
+  -- As text, not a Lua number, which Redis would have to format ("%.17g").
+  local ttl = ARGV[10]
   redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('ZADD', KEYS[2], string.format('%d', FINISHED_BAND + now + ttl * 1000), member)
+  redis.call('ZADD', KEYS[2], string.format('%d', FINISHED_BAND + now + tonumber(ttl) * 1000),
+             member)
   return {'OK', new, snow, '0'}
 end
 
@@ -133,10 +135,11 @@ if ARGV[7] ~= '' then
   next_due = now + tonumber(ARGV[7])
 end
 
+-- Scores go to ZADD as text: a Lua number would cost Redis a "%.17g" of it.
 if mode == 'renew' then
-  local until_ms = now + lease_ms
+  local until_ms = string.format('%d', now + lease_ms)
   hset[#hset + 1] = 'lease_until'
-  hset[#hset + 1] = string.format('%d', until_ms)
+  hset[#hset + 1] = until_ms
   redis.call('ZADD', KEYS[2], until_ms, member)
 elseif mode == 'release' then
   -- A reschedule asked for while we held the lease (resetNextCronTime) wins over ours.
@@ -149,14 +152,14 @@ elseif mode == 'release' then
     hset[#hset + 1] = ''
   end
   next_due = next_due or now
-  redis.call('ZADD', KEYS[2], next_due, member)
+  redis.call('ZADD', KEYS[2], string.format('%d', next_due), member)
 elseif string.sub(mode, 1, 8) == 'acquire:' then
   if owner == '' or lease_until <= now then
-    local until_ms = now + lease_ms
+    local until_ms = string.format('%d', now + lease_ms)
     hset[#hset + 1] = 'owner'
     hset[#hset + 1] = string.sub(mode, 9)
     hset[#hset + 1] = 'lease_until'
-    hset[#hset + 1] = string.format('%d', until_ms)
+    hset[#hset + 1] = until_ms
     redis.call('ZADD', KEYS[2], until_ms, member)
     acquired = '1'
   else
@@ -168,7 +171,7 @@ elseif next_due then
   -- An API call with no lease: reschedule, unless a live lease already owns the entry;
   -- then leave a note that the owner's release honours.
   if owner == '' or lease_until <= now then
-    redis.call('ZADD', KEYS[2], next_due, member)
+    redis.call('ZADD', KEYS[2], string.format('%d', next_due), member)
   else
     hset[#hset + 1] = 'poke'
     hset[#hset + 1] = '1'
