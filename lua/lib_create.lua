@@ -16,43 +16,38 @@ local function create_transaction(K, A)
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local snow = string.format('%d', now)
 
-  -- The further fields arrive as field/value pairs: unpack copies them in C, where
-  -- decoding a JSON object of them cost more than the HSET.
-  local first_branch = 8 + 2 * tonumber(A[3])
-  local hset = {'gid', A[1], 'status', A[2], 'create_time', snow, 'update_time', snow,
-                unpack(A, 8, first_branch - 1)}
-
   -- Scores go to ZADD as text: a Lua number would cost Redis a "%.17g" of it.
-  local score = string.format('%d', now + tonumber(A[5]))
-  local n = #hset
-  hset[n + 1] = 'next_cron_time'
-  hset[n + 2] = score
+  local next_due = string.format('%d', now + tonumber(A[5]))
+  -- The listing index orders by creation time, then gid; members are unique per gid.
+  -- The due index uses the same member, so that one entry of it can find the other.
+  local member = string.format('%013d', now) .. ':' .. A[1]
+
+  -- The further fields and the branches arrive as field/value pairs, one after the
+  -- other: one unpack copies them all in C (decoding a JSON object of them cost more
+  -- than the HSET), into a table made at its full size (appending past a table's size
+  -- rehashes it). The branches are fields of the same hash, so one write stores
+  -- everything: each redis.call has a fixed cost of its own.
+  local last = 7 + 2 * (tonumber(A[3]) + tonumber(A[4]))
+  local score = next_due
+  local hset
   if A[6] ~= '' then
     -- The creating instance processes the transaction itself; while its lease holds the
     -- due entry points at the lease's end, so a crash hands the work to another worker.
     score = string.format('%d', now + tonumber(A[7]))
-    hset[n + 3] = 'owner'
-    hset[n + 4] = A[6]
-    hset[n + 5] = 'lease_until'
-    hset[n + 6] = score
+    hset = {'gid', A[1], 'status', A[2], 'create_time', snow, 'update_time', snow,
+            'next_cron_time', next_due, 'created_member', member, 'owner', A[6],
+            'lease_until', score, unpack(A, 8, last)}
+  else
+    hset = {'gid', A[1], 'status', A[2], 'create_time', snow, 'update_time', snow,
+            'next_cron_time', next_due, 'created_member', member, unpack(A, 8, last)}
   end
 
-  -- The listing index orders by creation time, then gid; members are unique per gid.
-  -- The due index uses the same member, so that one entry of it can find the other.
-  local member = string.format('%013d', now) .. ':' .. A[1]
-  hset[#hset + 1] = 'created_member'
-  hset[#hset + 1] = member
-
   -- Each record arrives as JSON cut off where the creation time goes (see the header):
-  -- completing the text costs far less than decoding and encoding every record. The
-  -- branches are fields of the same hash, so one write stores everything: each
-  -- redis.call has a fixed cost of its own.
+  -- completing the text costs far less than decoding and encoding every record.
   local ends = snow .. '","update_time":"' .. snow .. '"}'
-  n = #hset
-  for i = first_branch, first_branch + 2 * tonumber(A[4]) - 2, 2 do
-    hset[n + 1] = A[i]
-    hset[n + 2] = A[i + 1] .. ends
-    n = n + 2
+  local n = #hset
+  for i = n - 2 * tonumber(A[4]) + 2, n, 2 do
+    hset[i] = hset[i] .. ends
   end
   redis.call('HSET', K[1], unpack(hset))
 

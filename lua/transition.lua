@@ -42,7 +42,9 @@ end
 -- and one HSET at the end: every redis.call costs more than the command itself.
 local first_branch = 11 + 2 * tonumber(ARGV[5])
 local branch_count = tonumber(ARGV[6])
-local fields = {'status', 'owner', 'lease_until', 'created_member', 'poke'}
+-- The nils make room (a table constructor sizes the table for every item it lists):
+-- appending past a table's size rehashes it, here and for hset below.
+local fields = {'status', 'owner', 'lease_until', 'created_member', 'poke', nil, nil, nil}
 for i = 1, branch_count do
   fields[5 + i] = ARGV[first_branch + 3 * i - 3]
 end
@@ -72,7 +74,8 @@ local new = status
 if ARGV[4] ~= '' then
   new = ARGV[4]
 end
-local hset = {'status', new, 'update_time', snow}
+local hset = {'status', new, 'update_time', snow, nil, nil, nil, nil, nil, nil, nil, nil,
+              nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil}
 
 -- Branch results; a record that is not there is not created. The caller sends the
 -- record whole but for the times: completing that text costs far less than decoding
