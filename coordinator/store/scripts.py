@@ -70,13 +70,18 @@ local shim = setmetatable({
 -- answers for the batch, with the same results (a call that errs errs the same way).
 local real_tonumber, real_format = tonumber, string.format
 local numbers = {}
+-- (type() is a C call too: the hit paths do without it.)
 local function batch_tonumber(v, base)
-  local n = numbers[v]
-  if n ~= nil and base == nil then
-    return n or nil
+  local n
+  if base == nil then
+    n = numbers[v]
+    if n ~= nil then
+      return n or nil
+    end
   end
   n = real_tonumber(v, base)
-  if base == nil and type(v) == 'string' then
+  -- Any v but nil and NaN can be a key; tonumber of it is the same each time.
+  if base == nil and v ~= nil and v == v then
     numbers[v] = n or false
   end
   return n
@@ -84,19 +89,23 @@ end
 local formatted = {}
 local batch_string = setmetatable({
   format = function(format, v, more, ...)
+    local by = formatted[format]
+    if more == nil and by then
+      -- Only numbers are keys here, so a hit formats a number.
+      local text = by[v]
+      if text then
+        return text
+      end
+    end
     if more ~= nil or type(v) ~= 'number' or v ~= v then
       return real_format(format, v, more, ...)
     end
-    local by = formatted[format]
     if not by then
       by = {}
       formatted[format] = by
     end
-    local text = by[v]
-    if not text then
-      text = real_format(format, v)
-      by[v] = text
-    end
+    local text = real_format(format, v)
+    by[v] = text
     return text
   end,
 }, {__index = string})
