@@ -42,20 +42,26 @@ end
 -- and one HSET at the end: every redis.call costs more than the command itself.
 local first_branch = 11 + 2 * tonumber(ARGV[5])
 local branch_count = tonumber(ARGV[6])
+-- A finishing write reads neither the lease's end nor the poke (it empties both): each
+-- field HMGET answers costs Lua a table element, so it asks for the first 3 only.
+local read = 5
+if ARGV[4] == 'succeed' or ARGV[4] == 'failed' then
+  read = 3
+end
 -- The nils make room (a table constructor sizes the table for every item it lists):
 -- appending past a table's size rehashes it, here and for hset below.
-local fields = {'status', 'owner', 'lease_until', 'created_member', 'poke', nil, nil, nil}
+local fields = {'status', 'owner', 'created_member', 'lease_until', 'poke', nil, nil, nil}
 for i = 1, branch_count do
-  fields[5 + i] = ARGV[first_branch + 3 * i - 3]
+  fields[read + i] = ARGV[first_branch + 3 * i - 3]
 end
-local cur = redis.call('HMGET', KEYS[1], unpack(fields))
+local cur = redis.call('HMGET', KEYS[1], unpack(fields, 1, read + branch_count))
 local status = cur[1]
 if not status then
   -- Its index entries, if any, name it by a member this script cannot know; the claim
   -- and the sweep drop them once they come round.
   return {'NOT_FOUND'}
 end
-local member = cur[4] or ARGV[1]
+local member = cur[3] or ARGV[1]
 
 if not status_in(ARGV[2], status) then
   return {'CONFLICT', status}
@@ -82,7 +88,7 @@ local hset = {'status', new, 'update_time', snow, nil, nil, nil, nil, nil, nil, 
 -- and encoding the stored one, which is left for a record the caller does not hold.
 local done_tail = '","finish_time":"' .. snow .. '"}'
 for i = 1, branch_count do
-  local raw = cur[5 + i]
+  local raw = cur[read + i]
   if raw then
     local at = first_branch + 3 * i - 3
     local branch_status, head = ARGV[at + 1], ARGV[at + 2]
@@ -102,7 +108,7 @@ for i = 1, branch_count do
       end
       record = cjson.encode(b)
     end
-    hset[#hset + 1] = fields[5 + i]
+    hset[#hset + 1] = fields[read + i]
     hset[#hset + 1] = record
   end
 end
@@ -132,7 +138,7 @@ end
 local lease_ms = tonumber(ARGV[9])
 local mode = ARGV[8]
 local acquired = '0'
-local lease_until = tonumber(present(cur[3]) or '0')
+local lease_until = tonumber(present(cur[4]) or '0')
 local next_due = nil
 if ARGV[7] ~= '' then
   next_due = now + tonumber(ARGV[7])
