@@ -101,7 +101,8 @@ class _BranchKey:
     def __get__(self, obj: Branch | None, owner: type | None = None) -> str | _BranchKey:
         if obj is None:
             return self
-        key = obj.__dict__["key"] = f"{obj.branch_id}:{obj.op.value}"
+        # A StrEnum formats as its value, without the Enum.value property.
+        key = obj.__dict__["key"] = f"{obj.branch_id}:{obj.op}"
         return key
 
 

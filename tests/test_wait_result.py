@@ -68,3 +68,18 @@ async def test_timeout_and_cancel_leave_nothing_behind() -> None:
     assert not svc._waiters
     assert not task.done()  # a client going away never cancels the run
     task.cancel()
+
+
+async def test_waits_whose_timeouts_end_together_share_one_timer() -> None:
+    svc, _ = service()
+    tasks = [asyncio.ensure_future(asyncio.sleep(30)) for _ in range(3)]
+    waiting = [asyncio.ensure_future(svc._run_or_stop(t, 0.05)) for t in tasks]  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert sum(len(grain) for grain in svc._expiring.values()) == 3
+    assert len(svc._expiring) <= 2  # two only if a grain ends between them
+    await asyncio.wait_for(asyncio.gather(*waiting), 1)
+    assert not svc._expiring  # each grain's timer took its waiters away
+    assert not svc._waiters
+    assert not any(t.done() for t in tasks)
+    for t in tasks:
+        t.cancel()

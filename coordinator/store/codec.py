@@ -121,11 +121,14 @@ def flat_pairs(fields: Mapping[str, str]) -> list[str]:
 
 
 def branch_to_json(branch: Branch) -> dict[str, Any]:
+    # The enum members themselves: they are strs, which orjson and the command packer
+    # write as their values, and Enum.value is a Python-level property in 3.11 (a
+    # tenth of a µs a read, a dozen reads per transaction).
     out: dict[str, Any] = {
         "branch_id": branch.branch_id,
-        "op": branch.op.value,
+        "op": branch.op,
         "url": branch.url,
-        "status": branch.status.value,
+        "status": branch.status,
     }
     if branch.data:
         out["data"] = branch.data
@@ -166,7 +169,7 @@ def branch_update_args(
     """
     out: list[str | bytes] = []
     for key, status in updates.items():
-        out += (BRANCH_FIELD + key, status.value, _record_head(records.get(key), status))
+        out += (BRANCH_FIELD + key, status, _record_head(records.get(key), status))
     return out
 
 
@@ -178,7 +181,7 @@ def _record_head(branch: Branch | None, status: BranchStatus) -> str | bytes:
     ):
         return ""
     record = branch_to_json(branch)
-    record["status"] = status.value
+    record["status"] = status
     record["seq"] = branch.seq
     record["create_time"] = str(branch.create_time)
     record["update_time"] = ""

@@ -255,7 +255,7 @@ class RedisStore(Store):
         fields = trans_field_pairs(trans)
         args: list[Any] = [
             trans.gid,
-            trans.status.value,
+            trans.status,  # a str: packed as its value (see codec.branch_to_json)
             len(fields) // 2,
             len(trans.branches),
             max(0, due_in_ms),
@@ -290,7 +290,7 @@ class RedisStore(Store):
             gid,
             expected,
             change.owner,
-            change.new_status.value if change.new_status else "",
+            change.new_status or "",
             len(change.fields),
             len(change.branch_updates),
             "" if change.next_due_ms is None else max(0, change.next_due_ms),
