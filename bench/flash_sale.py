@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from bench.env import BenchEnv, free_port, redis_counters, wait_http
-from bench.health import CpuMeter, LoopLag, lag_figures, with_lag
+from bench.health import CpuMeter, LoopLag, lag_figures, tree_cpu_seconds, with_lag
 from bench.loadgen import run_load
 from bench.progress import show_progress
 from bench.scenarios import RunOptions, make_env
@@ -77,12 +77,13 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
     stock_key, orders_key = f"flash:stock:{t}:{ITEM}", f"flash:orders:{t}:{ITEM}"
     await r.set(stock_key, 0)
     port = free_port()
+    services = []
     for i in range(SERVICE_PROCESSES):
-        await env.procs.spawn(
+        services.append(await env.procs.spawn(
             f"flash-sale-{i}", sys.executable, "-m", "examples.flash_sale.service",
             "--port", str(port), "--redis-url", env.redis_url, "--partition", str(PARTITION),
             "--item", ITEM, "--reuse-port", root=env.root,
-        )
+        ))
     await wait_http(f"http://127.0.0.1:{port}/state")
     await wait_all_listening(f"http://127.0.0.1:{port}/state", SERVICE_PROCESSES)
     stock = opts.stock or int(max(2000, 4000 * opts.duration / 4))
@@ -91,12 +92,19 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
     before: dict[str, int] = {}
     # perf_counter time at which the stock is set, where the measured window starts.
     opened = [0.0]
+    # CPU seconds of the coordinator's and of the service's processes at that moment.
+    cpu_at_open = [0.0, 0.0]
+
+    def cpu_now() -> list[float]:
+        return [tree_cpu_seconds(env.coordinator_pid),
+                sum(tree_cpu_seconds(pid) for pid in services)]
 
     async def count_orders() -> None:
         orders_over_time.append((time.perf_counter() - opened[0], int(await r.hlen(orders_key))))
 
     async def open_sale() -> None:
         before.update(await redis_counters(r))
+        cpu_at_open[:] = cpu_now()
         opened[0] = time.perf_counter()
         await r.set(stock_key, stock)
         while True:
@@ -127,6 +135,7 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
     # The sampler looks every 0.25 s: the last orders may land after its last look, which
     # left orders_per_s empty. One more look now bounds the finish from above.
     await count_orders()
+    coordinator_s, service_s = (b - a for a, b in zip(cpu_at_open, cpu_now(), strict=True))
 
     left = int(await r.get(stock_key) or 0)
     orders = int(await r.hlen(orders_key))
@@ -164,6 +173,12 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
         "orders_per_s": round(sold / done_at, 1) if done_at else None,
         "sold_out_per_s": (round(sold_out / sold_out_seconds, 1)
                            if sold_out_seconds >= MIN_PHASE_SECONDS else None),
+        # From the sale's opening to the last order delivered: the coordinator's CPU per
+        # order (claim, branch call, finish; plus its idle polls), and the service's per
+        # request it answered (buys, sold-out answers and the coordinator's order calls).
+        "coordinator_cpu_us_per_order": round(coordinator_s * 1e6 / max(sold, 1), 1),
+        "service_cpu_us_per_request": round(service_s * 1e6 / max(load.requests + orders, 1),
+                                            1),
         "redis_calls_per_tx": round((after["script_calls"] - before["script_calls"]) / n, 2),
         "redis_commands_per_tx": round((after["commands"] - before["commands"]) / n, 2),
         "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
