@@ -102,14 +102,17 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
     async def count_orders() -> None:
         orders_over_time.append((time.perf_counter() - opened[0], int(await r.hlen(orders_key))))
 
+    delivered = asyncio.Event()  # every order created (or given up on): sampling ends
+
     async def open_sale() -> None:
         before.update(await redis_counters(r))
         cpu_at_open[:] = cpu_now()
         opened[0] = time.perf_counter()
         await r.set(stock_key, stock)
-        while True:
+        while not delivered.is_set():
             await count_orders()
-            await asyncio.sleep(0.25)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(delivered.wait(), 0.25)
 
     lags = LoopLag(env.port)
     if opts.loadgen == "wrk":
@@ -129,9 +132,10 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and await unfinished_count():
         await asyncio.sleep(0.2)
-    sale.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await sale
+    # Ended by the event rather than a cancel, which redis-py can swallow on Python 3.11
+    # (a wait_for around a reply): the run then waited on the sampler for good.
+    delivered.set()
+    await sale
     # The sampler looks every 0.25 s: the last orders may land after its last look, which
     # left orders_per_s empty. One more look now bounds the finish from above.
     await count_orders()
