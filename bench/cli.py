@@ -61,8 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(one replica each), without and with redis.wait_replicas = 1, next to "
                    "one private Redis")
     p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
-                   help="who drives saga-empty and saga over HTTP: wrk (a C load "
-                   "generator, the default when installed) or the Python one")
+                   help="who drives saga-empty and saga over HTTP, and the flash sale's "
+                   "buyers: wrk (a C load generator, the default when installed) or the "
+                   "Python one")
     p.add_argument("--wait-replicas", type=int, default=0,
                    help="redis.wait_replicas for the coordinator (a cluster or replicas)")
 

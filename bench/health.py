@@ -111,8 +111,8 @@ class LoopLag:
 
     async def stop(self) -> list[tuple[float, float]]:
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        # Bounded: a cancel swallowed inside a client (Python 3.11) must not hold the run.
+        await asyncio.wait({self._task}, timeout=5)
         return self.samples
 
 

@@ -52,7 +52,8 @@ class RunOptions:
     cluster: int = 0
     # redis.wait_replicas for the coordinator.
     wait_replicas: int = 0
-    # Who drives HTTP saga submits: "wrk" (when installed) or "python" (bench/loadgen.py).
+    # Who drives HTTP saga submits and flash-sale buys: "wrk" (when installed) or
+    # "python" (bench/loadgen.py).
     loadgen: str = "python"
 
     @property

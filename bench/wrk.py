@@ -1,11 +1,14 @@
-"""Saga submits driven by wrk (a C load generator), with a Lua script of our own.
+"""Saga submits and flash-sale buys driven by wrk (a C load generator), with a Lua
+script of our own.
 
 The Python load generator shares the two cores with the server under test and costs it
 a share of the throughput; wrk costs far less CPU per request. The Lua script posts
-`POST /api/dtmsvr/submit` with a gid unique per thread and request, counts answers by
-status code (a 200 whose body says FAILURE counts as failed), counts completions per
-wall-clock second, and prints one JSON line at the end with wrk's own latency
-percentiles. wrk has no warm-up, so a warm-up is a separate, unrecorded wrk run.
+`POST /api/dtmsvr/submit` with a gid unique per thread and request (or, for the flash
+sale, `POST /buy?user=<unique>`), counts answers by status code (a 200 whose body says
+FAILURE counts as failed; an expected refusal, such as the flash sale's 409 "sold out",
+is counted apart), counts completions per wall-clock second, notes the wall-clock time
+of the first and the last success, and prints one JSON line at the end with wrk's own
+latency percentiles. wrk has no warm-up, so a warm-up is a separate, unrecorded wrk run.
 
 Its CPU time comes from wait4's resource usage of the finished process: exact, and
 only that process's.
@@ -24,13 +27,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Lua of the wrk script; HEAD and TAIL are the JSON body around the gid, RUN the run id.
+# Lua of the wrk script; HEAD and TAIL are the JSON body around the gid, RUN the run id;
+# with ID_IN_PATH the unique id ends the path instead and the body is empty. An answer
+# with status REFUSED_STATUS whose body holds REFUSED_TEXT is a refusal, not a failure.
 _SCRIPT = r"""
 local head = HEAD
 local tail = TAIL
 local run = RUN
+local id_in_path = ID_IN_PATH
+local refused_status = REFUSED_STATUS
+local refused_text = REFUSED_TEXT
+local path = PATH
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+
+-- Sub-second wall-clock time of a success (os.time() has whole seconds only).
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_usec; } bench_timeval;
+int gettimeofday(bench_timeval *tv, void *tz);
+]]
+local tv = ffi.new("bench_timeval")
+local function now_us()
+  ffi.C.gettimeofday(tv, nil)
+  return tonumber(tv.tv_sec) * 1000000 + tonumber(tv.tv_usec)
+end
 
 local threads = {}
 local next_id = 1
@@ -41,20 +62,31 @@ function setup(thread)
 end
 
 local prefix, n = "", 0
-ok, failed, statuses, per_second, samples = 0, 0, {}, {}, {}
+ok, failed, refused, statuses, per_second, samples = 0, 0, 0, {}, {}, {}
+first_ok, last_ok = 0, 0
 function init(args)
   prefix = run .. "-" .. tid .. "-"
 end
 
 function request()
   n = n + 1
-  return wrk.format(nil, PATH, nil, head .. prefix .. n .. tail)
+  if id_in_path then
+    return wrk.format(nil, path .. prefix .. n, nil, "")
+  end
+  return wrk.format(nil, path, nil, head .. prefix .. n .. tail)
 end
 
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
   if status == 200 and not string.find(body, "FAILURE", 1, true) then
     ok = ok + 1
+    local t = now_us()
+    if first_ok == 0 then first_ok = t end
+    last_ok = t
+    local s = math.floor(t / 1000000)
+    per_second[s] = (per_second[s] or 0) + 1
+  elseif status == refused_status and string.find(body, refused_text, 1, true) then
+    refused = refused + 1
     local s = os.time()
     per_second[s] = (per_second[s] or 0) + 1
   else
@@ -72,10 +104,15 @@ local function quote(s)
 end
 
 function done(summary, latency, requests)
-  local total_ok, total_failed, codes, seconds, errs = 0, 0, {}, {}, {}
+  local total_ok, total_failed, total_refused, codes, seconds, errs = 0, 0, 0, {}, {}, {}
+  local first, last = 0, 0
   for _, t in ipairs(threads) do
     total_ok = total_ok + t:get("ok")
     total_failed = total_failed + t:get("failed")
+    total_refused = total_refused + t:get("refused")
+    local f, l = t:get("first_ok"), t:get("last_ok")
+    if f > 0 and (first == 0 or f < first) then first = f end
+    if l > last then last = l end
     for code, count in pairs(t:get("statuses")) do
       codes[code] = (codes[code] or 0) + count
     end
@@ -96,10 +133,11 @@ function done(summary, latency, requests)
   end
   local e = summary.errors
   io.write(string.format(
-    'WRK-JSON {"ok":%d,"failed":%d,"requests":%d,"duration_us":%d,' ..
+    'WRK-JSON {"ok":%d,"failed":%d,"refused":%d,"first_ok_us":%d,"last_ok_us":%d,' ..
+    '"requests":%d,"duration_us":%d,' ..
     '"p50_us":%d,"p95_us":%d,"p99_us":%d,"max_us":%d,' ..
     '"socket_errors":%d,"statuses":{%s},"per_second":{%s},"samples":[%s]}\n',
-    total_ok, total_failed, summary.requests, summary.duration,
+    total_ok, total_failed, total_refused, first, last, summary.requests, summary.duration,
     latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max,
     e.connect + e.read + e.write + e.timeout, table.concat(parts, ","),
     table.concat(secs, ","), table.concat(errs, ",")))
@@ -120,9 +158,16 @@ def lua_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def script(head: str, tail: str, run: str, path: str) -> str:
-    return (_SCRIPT.replace("HEAD", lua_string(head), 1).replace("TAIL", lua_string(tail), 1)
-            .replace("RUN", lua_string(run), 1).replace("PATH", lua_string(path), 1))
+def script(head: str, tail: str, run: str, path: str, *, id_in_path: bool = False,
+           refused: tuple[int, str] = (0, "")) -> str:
+    values = {"HEAD": lua_string(head), "TAIL": lua_string(tail), "RUN": lua_string(run),
+              "ID_IN_PATH": "true" if id_in_path else "false",
+              "REFUSED_STATUS": str(refused[0]), "REFUSED_TEXT": lua_string(refused[1]),
+              "PATH": lua_string(path)}
+    out = _SCRIPT
+    for name, value in values.items():
+        out = out.replace(name, value, 1)
+    return out
 
 
 @dataclass
@@ -135,9 +180,15 @@ class WrkResult:
     p99_ms: float
     max_ms: float
     statuses: dict[str, int]
-    # Completions per wall-clock second (time.time() seconds), for the timeline.
+    # Completions (successes and refusals) per wall-clock second (time.time() seconds),
+    # for the timeline.
     per_second: dict[int, int]
     error_samples: list[str] = field(default_factory=list)
+    # Expected refusals (see run_wrk's `refused`), counted apart from ok and failed.
+    refused: int = 0
+    # Wall-clock times (time.time()) of the first and the last success; 0.0 for none.
+    first_ok: float = 0.0
+    last_ok: float = 0.0
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
 
@@ -163,9 +214,14 @@ def _run_wrk(args: list[str]) -> tuple[int, str, float, float]:
 
 async def run_wrk(
     url: str, head: str, tail: str, *, concurrency: int, duration: float, warmup: float,
-    threads: int = 2, path: str = "/api/dtmsvr/submit",
+    threads: int = 2, path: str = "/api/dtmsvr/submit", id_in_path: bool = False,
+    refused: tuple[int, str] = (0, ""),
 ) -> WrkResult:
-    """Warm up (unrecorded), then one measured wrk run of `duration` seconds."""
+    """Warm up (unrecorded), then one measured wrk run of `duration` seconds.
+
+    id_in_path: the unique id ends `path` (`head` and `tail` unused, empty body).
+    refused: (status, text) of an answer that is an expected refusal, not a failure.
+    """
     binary = wrk_path()
     if binary is None:
         raise RuntimeError("wrk is not installed (Debian: apt-get install wrk)")
@@ -177,7 +233,8 @@ async def run_wrk(
             if seconds <= 0:
                 continue
             run = f"{os.urandom(4).hex()}{phase[0]}"
-            lua.write_text(script(head, tail, run, path))
+            lua.write_text(script(head, tail, run, path, id_in_path=id_in_path,
+                                  refused=refused))
             args = [binary, f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s",
                     "--timeout", "10s", "-s", str(lua), url]
             code, text, cpu, wall = await asyncio.to_thread(_run_wrk, args)
@@ -196,4 +253,6 @@ async def run_wrk(
         p99_ms=data["p99_us"] / 1000, max_ms=data["max_us"] / 1000,
         statuses=data["statuses"], per_second={int(k): v for k, v in data["per_second"].items()},
         error_samples=samples[:5], cpu_seconds=cpu, wall_seconds=wall,
+        refused=data["refused"], first_ok=data["first_ok_us"] / 1e6,
+        last_ok=data["last_ok_us"] / 1e6,
     )

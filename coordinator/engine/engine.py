@@ -38,6 +38,16 @@ from coordinator.settings import EngineSettings
 from coordinator.store.base import Store, Transition
 
 CLAIM_BATCH = 64
+# A partition whose claim just filled the batch is claimed from again by the next poll
+# without first looking at every partition (one round trip of three saved while a
+# backlog drains, as a flash sale's orders do), at most this many polls in a row: then
+# a full look again, so that the other partitions get their turn.
+HOT_CLAIMS = 3
+# A look that found due work whose claim then got none (another engine claimed it in
+# between: all engines look at the same front of a due index) is followed by another
+# poll at once rather than after the poll interval, at most this many times in a row
+# (a clock ahead of Redis's can make work look due that the claim finds is not yet).
+RACE_RETRIES = 3
 
 log = logging.getLogger("coordinator.engine")
 
@@ -62,6 +72,10 @@ class Engine:
         self._stopping = asyncio.Event()
         self._stopped_future: asyncio.Future[None] | None = None
         self._next_partition = 0
+        self._hot: int | None = None  # see HOT_CLAIMS
+        self._hot_polls = 0
+        self._missed = False  # the last poll found due work but claimed none
+        self._room: asyncio.Event | None = None  # set when workers free up (at capacity)
         self.stats = {"claimed": 0, "finished": 0, "branch_calls": 0, "conflicts": 0}
         self.branch_log = BranchLog()
         self.observer: Observer = NULL_OBSERVER  # metrics hooks (coordinator/observer.py)
@@ -133,13 +147,21 @@ class Engine:
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        room = self._room
+        if room is not None and (self.settings.concurrency - len(self._tasks)
+                                 >= max(1, min(CLAIM_BATCH, self.settings.concurrency) // 2)):
+            room.set()
 
     # -- claiming -------------------------------------------------------------------------
 
     async def _poll_loop(self) -> None:
         outage = False
+        retries = 0
         while not self._stopping.is_set():
             claimed = 0
             try:
@@ -154,20 +176,38 @@ class Engine:
                 if outage:
                     log.warning("claiming resumed: Redis answers again")
                 outage = False
+            if claimed == 0 and self._missed and retries < RACE_RETRIES:
+                retries += 1
+                continue
+            retries = 0
             if claimed == 0:
+                # At capacity, look again once half a batch of workers is free rather than
+                # a poll interval later: with a backlog due, that is at once.
+                wake = self._stopping
+                if self.active >= self.settings.concurrency and not wake.is_set():
+                    wake = self._room = asyncio.Event()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval)
+                    await asyncio.wait_for(wake.wait(), self.settings.poll_interval)
+                self._room = None
 
     async def poll_once(self) -> int:
         """Claim due work from every partition, as much as there are free workers."""
         total = 0
-        count = self.store.partitions
-        start = self._next_partition
-        self._next_partition = (start + 1) % count
-        # One look at every partition first (one pipeline per Redis node), then claims
-        # only where something is due, starting at a different partition each round.
-        due: list[int] = await self.store.due_partitions()
-        due.sort(key=lambda p: (p - start) % count)
+        tried = False
+        hot, self._hot = self._hot, None
+        self._missed = False
+        if hot is not None:
+            due = [hot]  # see HOT_CLAIMS
+            self._hot_polls += 1
+        else:
+            self._hot_polls = 0
+            count = self.store.partitions
+            start = self._next_partition
+            self._next_partition = (start + 1) % count
+            # One look at every partition first (one pipeline per Redis node), then claims
+            # only where something is due, starting at a different partition each round.
+            due = await self.store.due_partitions()
+            due.sort(key=lambda p: (p - start) % count)
         for partition in due:
             # At most CLAIM_BATCH at a time: decoding and starting hundreds of claimed
             # transactions in one go stalled the event loop for hundreds of ms (flash
@@ -176,11 +216,16 @@ class Engine:
             if free <= 0 or self._stopping.is_set():
                 break
             sent = time.monotonic()  # the lease runs from (at latest) the claim's send
-            for item in await self.store.claim(partition, free, self.new_token()):
+            claimed = await self.store.claim(partition, free, self.new_token())
+            tried = True
+            for item in claimed:
                 total += 1
                 if item.taken_over:
                     self.observer.lease_takeover()
                 self.spawn(self._run(item.trans, item.token, item.now, sent))
+            if len(claimed) == free and self._hot_polls < HOT_CLAIMS and self._hot is None:
+                self._hot = partition
+        self._missed = tried and total == 0
         self.stats["claimed"] += total
         return total
 
