@@ -21,6 +21,7 @@ _MAX_MESSAGE = 300
 _URL_SAFE = re.compile(r"[0-9A-Za-z_.~-]*")
 # A gid that names its partition ("{3}..."): only the braces need escaping.
 _TAGGED = re.compile(r"\{([0-9]*)\}([0-9A-Za-z_.~-]*)")
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def _quoted(value: str) -> str:
@@ -72,15 +73,16 @@ class BranchCaller:
                 # The bytes go out exactly as they were stored (raw for gRPC submits).
                 return await self.grpc.call(trans, branch, trans.payload_bytes(branch))
             return Outcome(OutcomeKind.ERROR, f"unsupported branch URL {branch.url!r}")
-        body = trans.payload_of(branch)
         if trans.protocol == "json-rpc" and "method=" in branch.url:
-            return await self._call_json_rpc(trans, branch, body)
+            return await self._call_json_rpc(trans, branch, trans.payload_of(branch))
         # The exact bytes: a gRPC-submitted transaction keeps its raw payload bytes.
         raw_body = trans.payload_bytes(branch)
-        method = "POST" if body or trans.trans_type == "xa" else "GET"
-        headers = {"Content-Type": "application/json"}
-        headers.update(trans.ext_headers)
-        headers.update(trans.options.branch_headers)
+        method = "POST" if raw_body or trans.trans_type == "xa" else "GET"
+        extra = trans.options.branch_headers
+        if trans.ext_headers or extra:
+            headers = {"Content-Type": "application/json", **trans.ext_headers, **extra}
+        else:
+            headers = _JSON_HEADERS  # the common case: only read, never changed
         seconds = trans.options.request_timeout or self.default_timeout
         if self.pool is not None and branch.url.startswith("http://"):
             try:
@@ -104,7 +106,7 @@ class BranchCaller:
                 method,
                 branch.url,
                 params=params,
-                data=raw_body if body else None,
+                data=raw_body if raw_body else None,
                 headers=headers,
                 timeout=timeout,
                 # A redirect is an answer (an error), never followed: following it could
