@@ -29,14 +29,16 @@ async def test_slots_limit_and_order() -> None:
 
     tasks = [asyncio.create_task(waiter(i)) for i in range(3)]
     await asyncio.sleep(0)
-    assert order == [] and len(slots.waiters) == 3
+    assert order == []
+    assert len(slots.waiters) == 3
     slots.release()
     await asyncio.sleep(0)
     assert order == [0]
     slots.release()
     slots.release()
     await asyncio.gather(*tasks)
-    assert order == [0, 1, 2] and slots.free == 0
+    assert order == [0, 1, 2]
+    assert slots.free == 0
     slots.release()
     slots.release()
     assert slots.free == 2
@@ -64,6 +66,7 @@ async def test_waiter_cancelled_after_the_handover_passes_the_slot_on() -> None:
     first.cancel()
     await asyncio.gather(first, return_exceptions=True)
     await asyncio.wait_for(second, 1)
-    assert slots.free == 0 and not slots.waiters
+    assert slots.free == 0
+    assert not slots.waiters
     slots.release()
     assert slots.free == 1
