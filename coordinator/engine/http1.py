@@ -343,58 +343,54 @@ class _Stale(Exception):
 
 
 async def _read_response(reader: asyncio.StreamReader, method: str) -> tuple[int, bytes, bool]:
+    # One coroutine for the whole answer: a frame less on every resumption of the call.
     while True:
-        status, body, keep = await _read_one(reader, method)
-        # An interim answer (100 Continue, 103 Early Hints) precedes the real one.
-        if not 100 <= status < 200 or status == 101:
-            return status, body, keep
-
-
-async def _read_one(reader: asyncio.StreamReader, method: str) -> tuple[int, bytes, bool]:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            raise _Stale from None
-        raise Http1Error("connection closed in the middle of an answer") from None
-    except asyncio.LimitOverrunError:
-        raise Http1Error("answer headers too long") from None
-    if len(head) > MAX_HEAD:
-        raise Http1Error("answer headers too long")
-    text = head.decode("latin-1")
-    first, _, _ = text.partition("\r\n")
-    status_line = first.split(" ", 2)
-    if len(status_line) < 2 or not status_line[0].startswith("HTTP/"):
-        raise Http1Error(f"not an HTTP answer: {first[:80]!r}")
-    status = int(status_line[1])
-    # Only the framing headers matter; one scan finds them (the last of a name counts).
-    headers = {name.lower(): value.strip() for name, value in _FRAMING.findall(text)}
-    keep = status_line[0] == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-    try:
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            return status, b"", keep
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return status, await _read_chunked(reader), keep
-        if "content-length" in headers:
-            length = int(headers["content-length"])
-            if length > MAX_BODY:
-                raise Http1Error("answer body too large")
-            return status, await reader.readexactly(length), keep
-        # No length: the body runs to the end of the connection.
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := await reader.read(65536):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise Http1Error("answer body too large")
-        return status, b"".join(chunks), False
-    except asyncio.IncompleteReadError:
-        raise Http1Error("connection closed in the middle of an answer") from None
-    except asyncio.LimitOverrunError:
-        raise Http1Error("answer framing line too long") from None
-    except ValueError:
-        raise Http1Error("malformed answer framing") from None
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                raise _Stale from None
+            raise Http1Error("connection closed in the middle of an answer") from None
+        except asyncio.LimitOverrunError:
+            raise Http1Error("answer headers too long") from None
+        if len(head) > MAX_HEAD:
+            raise Http1Error("answer headers too long")
+        text = head.decode("latin-1")
+        first, _, _ = text.partition("\r\n")
+        status_line = first.split(" ", 2)
+        if len(status_line) < 2 or not status_line[0].startswith("HTTP/"):
+            raise Http1Error(f"not an HTTP answer: {first[:80]!r}")
+        status = int(status_line[1])
+        if 100 <= status < 200 and status != 101:
+            continue  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+        # Only the framing headers matter; one scan finds them (the last of a name counts).
+        headers = {name.lower(): value.strip() for name, value in _FRAMING.findall(text)}
+        keep = status_line[0] == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        try:
+            if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+                return status, b"", keep
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                return status, await _read_chunked(reader), keep
+            if "content-length" in headers:
+                length = int(headers["content-length"])
+                if length > MAX_BODY:
+                    raise Http1Error("answer body too large")
+                return status, await reader.readexactly(length), keep
+            # No length: the body runs to the end of the connection.
+            chunks: list[bytes] = []
+            size = 0
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise Http1Error("answer body too large")
+            return status, b"".join(chunks), False
+        except asyncio.IncompleteReadError:
+            raise Http1Error("connection closed in the middle of an answer") from None
+        except asyncio.LimitOverrunError:
+            raise Http1Error("answer framing line too long") from None
+        except ValueError:
+            raise Http1Error("malformed answer framing") from None
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
