@@ -21,6 +21,7 @@ _MAX_MESSAGE = 300
 _URL_SAFE = re.compile(r"[0-9A-Za-z_.~-]*")
 # A gid that names its partition ("{3}..."): only the braces need escaping.
 _TAGGED = re.compile(r"\{([0-9]*)\}([0-9A-Za-z_.~-]*)")
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def _quoted(value: str) -> str:
@@ -35,8 +36,19 @@ def _quoted(value: str) -> str:
 def branch_query(trans: Trans, branch: Branch) -> str:
     """The query string of a branch call, byte for byte what `urllib.parse.urlencode`
     makes of the four fields, at a quarter of its cost."""
-    return (f"gid={_quoted(trans.gid)}&trans_type={_quoted(trans.trans_type)}"
-            f"&branch_id={_quoted(branch.branch_id)}&op={_quoted(branch.op_name)}")
+    # All but the gid come from a few values (saga, 01, action…): kept once made.
+    key = (trans.trans_type, branch.branch_id, branch.op_name)
+    rest = _QUERY_RESTS.get(key)
+    if rest is None:
+        rest = (f"&trans_type={_quoted(key[0])}&branch_id={_quoted(key[1])}"
+                f"&op={_quoted(key[2])}")
+        if len(_QUERY_RESTS) >= 4096:  # many-step sagas or odd branch ids: start over
+            _QUERY_RESTS.clear()
+        _QUERY_RESTS[key] = rest
+    return f"gid={_quoted(trans.gid)}{rest}"
+
+
+_QUERY_RESTS: dict[tuple[str, str, str], str] = {}
 
 
 class BranchCaller:
@@ -72,15 +84,16 @@ class BranchCaller:
                 # The bytes go out exactly as they were stored (raw for gRPC submits).
                 return await self.grpc.call(trans, branch, trans.payload_bytes(branch))
             return Outcome(OutcomeKind.ERROR, f"unsupported branch URL {branch.url!r}")
-        body = trans.payload_of(branch)
         if trans.protocol == "json-rpc" and "method=" in branch.url:
-            return await self._call_json_rpc(trans, branch, body)
+            return await self._call_json_rpc(trans, branch, trans.payload_of(branch))
         # The exact bytes: a gRPC-submitted transaction keeps its raw payload bytes.
         raw_body = trans.payload_bytes(branch)
-        method = "POST" if body or trans.trans_type == "xa" else "GET"
-        headers = {"Content-Type": "application/json"}
-        headers.update(trans.ext_headers)
-        headers.update(trans.options.branch_headers)
+        method = "POST" if raw_body or trans.trans_type == "xa" else "GET"
+        extra = trans.options.branch_headers
+        if trans.ext_headers or extra:
+            headers = {"Content-Type": "application/json", **trans.ext_headers, **extra}
+        else:
+            headers = _JSON_HEADERS  # the common case: only read, never changed
         seconds = trans.options.request_timeout or self.default_timeout
         if self.pool is not None and branch.url.startswith("http://"):
             try:
@@ -104,7 +117,7 @@ class BranchCaller:
                 method,
                 branch.url,
                 params=params,
-                data=raw_body if body else None,
+                data=raw_body if raw_body else None,
                 headers=headers,
                 timeout=timeout,
                 # A redirect is an answer (an error), never followed: following it could

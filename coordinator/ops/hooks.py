@@ -74,30 +74,30 @@ class ObservedCaller(BranchCaller):
         token = log_context.set(
             {**context, "branch_id": branch.branch_id, "op": branch.op_name}
         )
+        # One coroutine, not two: each frame of the await chain is passed through again
+        # on every resumption of the call.
         try:
-            return await self._call(trans, branch)
+            started = time.perf_counter()
+            if self.tracing is None or not branch.url:
+                outcome = await self.inner.call(trans, branch)
+            else:
+                with self.tracing.client_span(
+                    f"branch {branch.op_name}",
+                    {"dtm.gid": trans.gid, "dtm.branch_id": branch.branch_id,
+                     "dtm.op": branch.op_name, "http.url": branch.url},
+                ) as traceparent:
+                    sent = evolve(trans, ext_headers={**trans.ext_headers,
+                                                      TRACEPARENT: traceparent})
+                    outcome = await self.inner.call(sent, branch)
+            seconds = time.perf_counter() - started
+            if self.metrics is not None and branch.url:
+                self.metrics.branch_call(outcome.kind, seconds)
+            if log.isEnabledFor(logging.DEBUG):  # the answer's text may hold business data
+                log.debug("branch call %s in %.1f ms: %s", outcome.kind.value,
+                          seconds * 1000, outcome.message[:200])
+            return outcome
         finally:
             log_context.reset(token)
-
-    async def _call(self, trans: Trans, branch: Branch) -> Outcome:
-        started = time.perf_counter()
-        if self.tracing is None or not branch.url:
-            outcome = await self.inner.call(trans, branch)
-        else:
-            with self.tracing.client_span(
-                f"branch {branch.op_name}",
-                {"dtm.gid": trans.gid, "dtm.branch_id": branch.branch_id,
-                 "dtm.op": branch.op_name, "http.url": branch.url},
-            ) as traceparent:
-                sent = evolve(trans, ext_headers={**trans.ext_headers, TRACEPARENT: traceparent})
-                outcome = await self.inner.call(sent, branch)
-        seconds = time.perf_counter() - started
-        if self.metrics is not None and branch.url:
-            self.metrics.branch_call(outcome.kind, seconds)
-        if log.isEnabledFor(logging.DEBUG):  # the answer's text may hold business data
-            log.debug("branch call %s in %.1f ms: %s", outcome.kind.value, seconds * 1000,
-                      outcome.message[:200])
-        return outcome
 
 
 class ObservedService(Service):
