@@ -51,6 +51,10 @@ RACE_RETRIES = 3
 
 log = logging.getLogger("coordinator.engine")
 
+# Each status as the one a write under the lease expects, built once rather than per
+# write (frozensets are immutable, so sharing them is safe).
+_ONLY = {status: frozenset({status}) for status in Status}
+
 
 class Engine:
     def __init__(
@@ -512,7 +516,7 @@ class Run:
             result = await self.store.transition(
                 self.trans.gid,
                 Transition(
-                    expected=frozenset({self.trans.status}),
+                    expected=_ONLY[self.trans.status],
                     new_status=new_status,
                     owner=self.token,
                     fields=self.pending_fields,

@@ -255,7 +255,11 @@ def trans_from_pairs(flat: Sequence[bytes | str]) -> Trans:
         texts = [_text(x) for x in flat]
     fields: dict[str, str] = {}
     branches: list[str] = []
-    for name, value in zip(texts[::2], texts[1::2], strict=True):
+    # One iterator zipped with itself pairs names with values without copying the
+    # reply twice into slices (a claim decodes dozens of these); strict still refuses
+    # an odd count.
+    items = iter(texts)
+    for name, value in zip(items, items, strict=True):
         if name.startswith(BRANCH_FIELD):
             branches.append(value)
         else:
