@@ -189,8 +189,10 @@ def _record_head(branch: Branch | None, status: BranchStatus) -> str | bytes:
 
 
 def _int(value: Any) -> int:
+    if not value:  # most time fields of a live record are absent: no int() call
+        return 0
     try:
-        return int(value or 0)
+        return int(value)
     except (TypeError, ValueError, OverflowError):
         return 0
 
