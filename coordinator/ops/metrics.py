@@ -214,7 +214,9 @@ class Metrics(Observer):
         self._observe(self.script_latency, (name,), seconds)
 
     def branch_call(self, outcome: OutcomeKind, seconds: float) -> None:
-        self._observe(self.branch_latency, (outcome.value,), seconds)
+        # A StrEnum member is its value as a label (equal, same hash, str() alike)
+        # without the Enum.value property, a Python-level call in 3.11.
+        self._observe(self.branch_latency, (outcome,), seconds)
 
     # -- HTTP --------------------------------------------------------------------------
 

@@ -189,8 +189,10 @@ def _record_head(branch: Branch | None, status: BranchStatus) -> str | bytes:
 
 
 def _int(value: Any) -> int:
+    if not value:  # most time fields of a live record are absent: no int() call
+        return 0
     try:
-        return int(value or 0)
+        return int(value)
     except (TypeError, ValueError, OverflowError):
         return 0
 
@@ -255,7 +257,11 @@ def trans_from_pairs(flat: Sequence[bytes | str]) -> Trans:
         texts = [_text(x) for x in flat]
     fields: dict[str, str] = {}
     branches: list[str] = []
-    for name, value in zip(texts[::2], texts[1::2], strict=True):
+    # One iterator zipped with itself pairs names with values without copying the
+    # reply twice into slices (a claim decodes dozens of these); strict still refuses
+    # an odd count.
+    items = iter(texts)
+    for name, value in zip(items, items, strict=True):
         if name.startswith(BRANCH_FIELD):
             branches.append(value)
         else:
