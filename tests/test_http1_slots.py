@@ -10,9 +10,7 @@ from coordinator.engine.http1 import _Slots
 
 async def take(slots: _Slots) -> None:
     # As Http1Pool.request takes a slot.
-    if slots.free > 0 and not slots.waiters:
-        slots.free -= 1
-    else:
+    if not slots.try_take():
         await slots.wait()
 
 

@@ -213,6 +213,13 @@ class _Slots:
         self.free = limit
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
+    def try_take(self) -> bool:
+        """Take a free slot at once, unless none is free or others queue before us."""
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return True
+        return False
+
     async def wait(self) -> None:
         """Queue for a slot; `release` hands it over."""
         waiter = asyncio.get_running_loop().create_future()
@@ -269,9 +276,7 @@ class Http1Pool:
         # The timeout covers the wait for a free connection too: the engine's lease
         # allows request_timeout for the whole call, queueing included.
         with self._deadlines.start(timeout):
-            if slots.free > 0 and not slots.waiters:
-                slots.free -= 1
-            else:
+            if not slots.try_take():
                 await slots.wait()
             try:
                 # A pooled connection may have been closed by the server meanwhile; if it
