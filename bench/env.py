@@ -206,6 +206,12 @@ def _counters(
         # Redis's own CPU time (all its work, AOF included), unaffected by waiting for a
         # core as the per-script wall times are.
         "cpu_usec": int((float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])) * 1e6),
+        # Forks: AOF rewrites (and RDB saves). Each stalls Redis while it forks, and the
+        # child, which writes the whole dataset, competes for the cores; its CPU time is
+        # counted here once the child has ended.
+        "forks": int(stats.get("total_forks", 0)),
+        "child_cpu_usec": int((float(cpu.get("used_cpu_sys_children", 0))
+                               + float(cpu.get("used_cpu_user_children", 0))) * 1e6),
         "bytes": int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"]),
     }
 

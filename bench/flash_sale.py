@@ -194,6 +194,9 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
         "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
         "redis_usec_per_tx": round((after["script_usec"] - before["script_usec"]) / n, 1),
         "redis_cpu_us_per_tx": round((after["cpu_usec"] - before["cpu_usec"]) / n, 1),
+        "redis_forks": after["forks"] - before["forks"],
+        "redis_child_cpu_us_per_tx": round(
+            (after["child_cpu_usec"] - before["child_cpu_usec"]) / n, 1),
         **lag_figures(lag, measured_start),
         "timeline": with_lag(load.timeline, lag, measured_start),
         "orders_timeline": orders_over_time,

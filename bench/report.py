@@ -30,8 +30,8 @@ _CHECK_COLUMNS = ["correct", "orders", "stock_sold"]
 def table(results: list[dict[str, Any]]) -> str:
     cols = ["scenario", "loadgen", "tx_per_s", "p50_ms", "p95_ms", "p99_ms", "errors",
             "redis_calls_per_tx", "redis_commands_per_tx", "redis_usec_per_tx",
-            "redis_cpu_us_per_tx", "coordinator_cpu_us_per_tx", "loadgen_cpu_share",
-            "loop_lag_ms_max", "ceiling_ratio"]
+            "redis_cpu_us_per_tx", "redis_forks", "coordinator_cpu_us_per_tx",
+            "loadgen_cpu_share", "loop_lag_ms_max", "ceiling_ratio"]
     cols += [c for c in _CHECK_COLUMNS if any(c in r for r in results)]
     rows = [[_fmt(r.get(c)) for c in cols] for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]

@@ -137,6 +137,9 @@ def redis_cost(before: dict[str, int], after: dict[str, int], count: int) -> dic
         "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
         "redis_usec_per_tx": round((after["script_usec"] - before["script_usec"]) / n, 1),
         "redis_cpu_us_per_tx": round((after["cpu_usec"] - before["cpu_usec"]) / n, 1),
+        "redis_forks": after["forks"] - before["forks"],
+        "redis_child_cpu_us_per_tx": round(
+            (after["child_cpu_usec"] - before["child_cpu_usec"]) / n, 1),
         # On a cluster: the same per primary (its share of the partitions' work).
         "redis_usec_per_tx_by_node": {
             key.split("@", 1)[1]: round((value - before.get(key, 0)) / n, 1)
