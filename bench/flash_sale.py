@@ -26,7 +26,7 @@ from bench.env import BenchEnv, free_port, redis_counters, wait_http
 from bench.health import CpuMeter, LoopLag, lag_figures, tree_cpu_seconds, with_lag
 from bench.loadgen import run_load
 from bench.progress import show_progress
-from bench.scenarios import RunOptions, make_env
+from bench.scenarios import RunOptions, make_env, redis_cost
 from bench.stats import Recorder, summarize, timeline
 from bench.wrk import run_wrk
 from coordinator.keys import FINISHED_BAND, KeySpace, tag
@@ -189,14 +189,7 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
         "coordinator_cpu_us_per_order": round(coordinator_s * 1e6 / max(sold, 1), 1),
         "service_cpu_us_per_request": round(service_s * 1e6 / max(load.requests + orders, 1),
                                             1),
-        "redis_calls_per_tx": round((after["script_calls"] - before["script_calls"]) / n, 2),
-        "redis_commands_per_tx": round((after["commands"] - before["commands"]) / n, 2),
-        "redis_bytes_per_tx": round((after["bytes"] - before["bytes"]) / n, 1),
-        "redis_usec_per_tx": round((after["script_usec"] - before["script_usec"]) / n, 1),
-        "redis_cpu_us_per_tx": round((after["cpu_usec"] - before["cpu_usec"]) / n, 1),
-        "redis_forks": after["forks"] - before["forks"],
-        "redis_child_cpu_us_per_tx": round(
-            (after["child_cpu_usec"] - before["child_cpu_usec"]) / n, 1),
+        **redis_cost(before, after, n),
         **lag_figures(lag, measured_start),
         "timeline": with_lag(load.timeline, lag, measured_start),
         "orders_timeline": orders_over_time,

@@ -7,19 +7,22 @@ reproducible. Each scenario starts its own private redis-server.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import shutil
 from dataclasses import replace
 
 import pytest
+import redis.asyncio as aioredis
 
 from bench import report
 from bench.cli import median_of
+from bench.env import redis_counters
 from bench.flash_sale import flash_sale
-from bench.scenarios import RunOptions, redis_ceiling, saga_empty, saga_http
+from bench.scenarios import RunOptions, redis_ceiling, redis_cost, saga_empty, saga_http
 from bench.wrk import wrk_path
 from tests.cluster_support import have_cluster_tools
-from tests.conftest import require_service
+from tests.conftest import private_redis_server, require_service
 
 SHORT = RunOptions(duration=2.0, warmup=0.5, concurrency=8, workers=1)
 
@@ -176,3 +179,26 @@ async def test_flash_sale_driven_by_wrk_keeps_exact_books() -> None:
     for rate in ("buys_per_s", "sold_out_per_s", "orders_per_s"):
         assert result[rate], rate
     assert 0 < float(result["loadgen_cpu_share"]) < 0.5  # type: ignore[arg-type]
+
+
+async def test_redis_counters_count_forks_and_their_childrens_cpu() -> None:
+    """An AOF rewrite in the window shows as a fork, and its child's CPU is counted once
+    the child has ended: the figures that tell a run measured during a rewrite."""
+    with private_redis_server() as server:
+        client = aioredis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            for i in range(200):
+                await client.hset(f"h{i}", mapping={"a": "x" * 100, "b": i})
+            before = await redis_counters(client)
+            await client.bgrewriteaof()
+            deadline = asyncio.get_running_loop().time() + 10
+            while (await client.info("persistence"))["aof_rewrite_in_progress"]:
+                assert asyncio.get_running_loop().time() < deadline, "rewrite did not end"
+                await asyncio.sleep(0.05)
+            after = await redis_counters(client)
+        finally:
+            await client.aclose()
+    cost = redis_cost(before, after, 1)
+    assert cost["redis_forks"] == 1
+    assert cost["redis_child_cpu_us_per_tx"] >= 0
+    assert after["child_cpu_usec"] >= before["child_cpu_usec"]
