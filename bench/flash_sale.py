@@ -23,7 +23,15 @@ from typing import Any
 import aiohttp
 
 from bench.env import BenchEnv, free_port, redis_counters, wait_http
-from bench.health import CpuMeter, LoopLag, lag_figures, tree_cpu_seconds, with_lag
+from bench.health import (
+    CpuMeter,
+    LoopLag,
+    RedisRewrites,
+    lag_figures,
+    rewrite_figures,
+    tree_cpu_seconds,
+    with_lag,
+)
 from bench.loadgen import run_load
 from bench.progress import show_progress
 from bench.scenarios import RunOptions, make_env, redis_cost
@@ -121,12 +129,14 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
                 await asyncio.wait_for(delivered.wait(), every)
 
     lags = LoopLag(env.port)
+    rewrites = RedisRewrites(r)
     if opts.loadgen == "wrk":
         load = await _wrk_buyers(port, opts, open_sale)
     else:
         load = await _python_buyers(port, opts, open_sale)
     after = await redis_counters(r)
     lag = await lags.stop()
+    forked = await rewrites.stop()
     sale = load.sale
     # Let the coordinator deliver every message that was created.
     keys = KeySpace("coord", 16)
@@ -191,6 +201,7 @@ async def _run(env: BenchEnv, opts: RunOptions) -> dict[str, Any]:
                                             1),
         **redis_cost(before, after, n),
         **lag_figures(lag, measured_start),
+        **rewrite_figures(forked, measured_start, opts.duration),
         "timeline": with_lag(load.timeline, lag, measured_start),
         "orders_timeline": orders_over_time,
     }

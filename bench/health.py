@@ -1,5 +1,6 @@
-"""What a run costs besides the server's own work: the load generator's CPU, and how
-healthy the coordinator's event loops stayed (their per-second longest stall)."""
+"""What a run costs besides the server's own work: the load generator's CPU, how
+healthy the coordinator's event loops stayed (their per-second longest stall), and when
+Redis was rewriting its AOF."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import time
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 LAG_METRIC = "coordinator_event_loop_lag_seconds"
 
@@ -134,3 +138,60 @@ def with_lag(
         i = int(t - start)
         by_second[i] = max(by_second.get(i, 0.0), v)
     return [(s, n, p99, by_second.get(int(s), math.nan)) for s, n, p99 in points]
+
+
+class RedisRewrites:
+    """Asks Redis every 0.2 s whether a fork child is at work (an AOF rewrite, or an RDB
+    save) while a run goes on: the child writes the whole dataset on another core, and
+    its fork stalls Redis, so a report should say when one ran (on a cluster: on any
+    primary)."""
+
+    INTERVAL = 0.2
+
+    def __init__(self, client: aioredis.Redis | RedisCluster) -> None:
+        self.client = client
+        self.samples: list[tuple[float, bool]] = []  # (perf_counter, a child at work)
+        self._task = asyncio.create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                self.samples.append((time.perf_counter(), await self._busy()))
+            await asyncio.sleep(self.INTERVAL)
+
+    async def _busy(self) -> bool:
+        if isinstance(self.client, RedisCluster):
+            infos = [await self.client.info("persistence", target_nodes=node)
+                     for node in self.client.get_primaries()]
+        else:
+            infos = [await self.client.info("persistence")]
+        return any(int(i.get("aof_rewrite_in_progress", 0)) or
+                   int(i.get("rdb_bgsave_in_progress", 0)) for i in infos)
+
+    async def stop(self) -> list[tuple[float, bool]]:
+        self._task.cancel()
+        # Bounded, as LoopLag.stop.
+        await asyncio.wait({self._task}, timeout=5)
+        return self.samples
+
+
+def rewrite_figures(samples: list[tuple[float, bool]], start: float,
+                    duration: float) -> dict[str, Any]:
+    """The spans of the measured window (seconds from `start`, clipped to `duration`)
+    during which Redis had a fork child at work, and their total length. A span runs
+    from the first look that saw the child to the first that no longer did (or the last
+    look)."""
+    spans: list[list[float]] = []
+    begun: float | None = None
+    for t, busy in samples:
+        if busy and begun is None:
+            begun = t
+        elif not busy and begun is not None:
+            spans.append([begun, t])
+            begun = None
+    if begun is not None and samples:
+        spans.append([begun, samples[-1][0]])
+    clipped = [[max(a - start, 0.0), min(b - start, duration)] for a, b in spans]
+    clipped = [[round(a, 2), round(b, 2)] for a, b in clipped if b > a]
+    return {"redis_rewrite_spans": clipped,
+            "redis_rewrite_s": round(sum(b - a for a, b in clipped), 2)}

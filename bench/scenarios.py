@@ -21,7 +21,9 @@ from bench.health import (
     CoordinatorCpu,
     CpuMeter,
     LoopLag,
+    RedisRewrites,
     lag_figures,
+    rewrite_figures,
     tree_cpu_seconds,
     with_lag,
 )
@@ -85,6 +87,7 @@ async def measure(
         return await measure_wrk(label, env, steps, opts)
     snap = asyncio.create_task(snapshot_after_warmup())
     lags = LoopLag(env.port)
+    rewrites = RedisRewrites(env.redis)
     start = time.perf_counter()
     cpu = CpuMeter()
     coordinator_cpu = CoordinatorCpu(env.coordinator_pid, opts.warmup)
@@ -104,6 +107,7 @@ async def measure(
     await snap
     after = await redis_counters(env.redis)
     lag = await lags.stop()
+    forked = await rewrites.stop()
     progress.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await progress
@@ -123,6 +127,7 @@ async def measure(
         "coordinator_cpu_us_per_tx": round(coordinator_s * 1e6 / max(s.count, 1), 1),
         **redis_cost(before, after, s.count),
         **lag_figures(lag, start + opts.warmup),
+        **rewrite_figures(forked, start + opts.warmup, opts.duration),
         "timeline": with_lag(timeline(recorder, start + opts.warmup, int(opts.duration)),
                              lag, start + opts.warmup),
     }
@@ -168,6 +173,7 @@ async def measure_wrk(
                       warmup=0)
     before = await redis_counters(env.redis)
     lags = LoopLag(env.port)
+    rewrites = RedisRewrites(env.redis)
     start = time.perf_counter()
     cpu_before = tree_cpu_seconds(env.coordinator_pid)
     w = await run_wrk(url, head, tail, concurrency=opts.concurrency, duration=opts.duration,
@@ -175,6 +181,7 @@ async def measure_wrk(
     coordinator_s = tree_cpu_seconds(env.coordinator_pid) - cpu_before
     after = await redis_counters(env.redis)
     lag = await lags.stop()
+    forked = await rewrites.stop()
     first = min(w.per_second, default=0)
     points = [(float(s - first), float(n), math.nan) for s, n in sorted(w.per_second.items())]
     # wrk counts by wall-clock second: the lag samples are placed on the same clock.
@@ -196,6 +203,8 @@ async def measure_wrk(
         "coordinator_cpu_us_per_tx": round(coordinator_s * 1e6 / max(w.ok, 1), 1),
         **redis_cost(before, after, w.ok),
         **lag_figures(lag, start),
+        # On the timeline's clock: wrk's wall-clock seconds, from its first one.
+        **rewrite_figures(forked, first - offset, opts.duration),
         "timeline": with_lag(points, lag_wall, 0.0),
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import shutil
+import time
 from dataclasses import replace
 
 import pytest
@@ -19,6 +20,7 @@ from bench import report
 from bench.cli import median_of
 from bench.env import redis_counters
 from bench.flash_sale import flash_sale
+from bench.health import RedisRewrites, rewrite_figures
 from bench.scenarios import RunOptions, redis_ceiling, redis_cost, saga_empty, saga_http
 from bench.wrk import wrk_path
 from tests.cluster_support import have_cluster_tools
@@ -181,20 +183,27 @@ async def test_flash_sale_driven_by_wrk_keeps_exact_books() -> None:
     assert 0 < float(result["loadgen_cpu_share"]) < 0.5  # type: ignore[arg-type]
 
 
-async def test_redis_counters_count_forks_and_their_childrens_cpu() -> None:
-    """An AOF rewrite in the window shows as a fork, and its child's CPU is counted once
-    the child has ended: the figures that tell a run measured during a rewrite."""
+async def test_an_aof_rewrite_shows_as_a_fork_and_a_span() -> None:
+    """An AOF rewrite in the window shows as a fork, its child's CPU is counted once the
+    child has ended, and the watcher reports when it ran: the figures that tell a run
+    measured during a rewrite."""
     with private_redis_server() as server:
         client = aioredis.Redis.from_url(server.url, decode_responses=True)
         try:
             for i in range(200):
                 await client.hset(f"h{i}", mapping={"a": "x" * 100, "b": i})
+            # 2 ms a key: the child works for about 0.4 s, longer than a look's interval.
+            await client.config_set("rdb-key-save-delay", 2000)
             before = await redis_counters(client)
+            watch = RedisRewrites(client)
+            start = time.perf_counter()
             await client.bgrewriteaof()
             deadline = asyncio.get_running_loop().time() + 10
             while (await client.info("persistence"))["aof_rewrite_in_progress"]:
                 assert asyncio.get_running_loop().time() < deadline, "rewrite did not end"
                 await asyncio.sleep(0.05)
+            await asyncio.sleep(2 * RedisRewrites.INTERVAL)
+            samples = await watch.stop()
             after = await redis_counters(client)
         finally:
             await client.aclose()
@@ -202,3 +211,19 @@ async def test_redis_counters_count_forks_and_their_childrens_cpu() -> None:
     assert cost["redis_forks"] == 1
     assert cost["redis_child_cpu_us_per_tx"] >= 0
     assert after["child_cpu_usec"] >= before["child_cpu_usec"]
+    figures = rewrite_figures(samples, start, 60.0)
+    spans = figures["redis_rewrite_spans"]
+    assert len(spans) == 1, samples
+    assert 0.2 <= figures["redis_rewrite_s"] < 5, spans
+    assert spans[0][0] < 1.0
+
+
+def test_rewrite_spans_are_clipped_to_the_window() -> None:
+    looks = [(9.0, True), (10.5, True), (11.0, False), (12.0, True), (13.0, False),
+             (14.0, True), (31.0, True)]
+    figures = rewrite_figures(looks, 10.0, 20.0)
+    # Begun before the window, ended in it; one inside; one still running at its end.
+    assert figures["redis_rewrite_spans"] == [[0.0, 1.0], [2.0, 3.0], [4.0, 20.0]]
+    assert figures["redis_rewrite_s"] == 18.0
+    assert rewrite_figures([], 0.0, 20.0) == {"redis_rewrite_spans": [],
+                                               "redis_rewrite_s": 0}
