@@ -342,6 +342,8 @@ async def redis_ceiling_on(
                     pipe.evalsha(shas["transition"], len(keys), *keys, *args)
                 replies = await pipe.execute()
             assert all(r[0] == "OK" for r in replies), replies[:3]
+            for gid, reply in zip(gids, replies[::scripts_per_tx], strict=True):
+                store.created(gid, reply)  # its buckets are registered
             done += len(gids)
 
     start = time.perf_counter()

@@ -91,4 +91,9 @@ def raise_for_reply(code: str, gid: str, detail: str, wanted: str) -> None:
         )
     if code == "LEASE_LOST":
         raise LeaseLost(f"lease on {gid} is held by another worker")
+    if code == "SKEW":
+        raise StoreUnavailable(
+            f"the clock of the Redis that holds {gid} moved against this host's while "
+            "creating it; retry later"
+        )
     raise CoordinatorError(f"unexpected store reply {code!r} for {gid}")

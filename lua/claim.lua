@@ -5,16 +5,13 @@
 -- may have claimed it in between.
 -- KEYS[1] = due index (zset) of the partition: member = listing member
 --           "<13-digit create ms>:<gid>", score = ms when due (see transition.lua)
--- KEYS[2] = listing index (zset) of the partition
--- KEYS[2+k] (k = 1..N) = transaction hash of candidate k (its branches are fields of it)
+-- KEYS[1+k] (k = 1..N) = transaction hash of candidate k (its branches are fields of it)
 -- ARGV[1] = owner token prefix; each claim gets "<prefix>:<k>"
 -- ARGV[2] = lease length in ms
 -- ARGV[2+k] = due-index member of candidate k
 -- returns {now_ms, {gid, token, {field, value, ...} (transaction and "branch:" fields),
 --          previous owner ('' unless a lease that ran out was taken over)}, ...}
 -- An owner or lease_until of '' counts as absent (finished transactions keep them empty).
-
---!include lib_band.lua
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -23,26 +20,19 @@ local lease_ms = tonumber(ARGV[2])
 for i = 3, #ARGV do
   local member = ARGV[i]
   local k = i - 2
-  local tkey = KEYS[2 + k]
+  local tkey = KEYS[1 + k]
   local score = redis.call('ZSCORE', KEYS[1], member)
   if score and tonumber(score) <= now then
     local rec = redis.call('HMGET', tkey, 'status', 'owner', 'lease_until', 'created_member')
     local status = rec[1]
     local held_until = tonumber(rec[3] or '')  -- nil for '': no lease
     if (not status) or rec[4] ~= member then
-      -- Gone (deleted by hand), or its gid now names a newer transaction: no index entry
-      -- may outlive its transaction.
+      -- Gone (deleted by hand), or its gid now names a newer transaction: no due entry
+      -- may outlive its transaction (its listing entry goes with its bucket's sweep).
       redis.call('ZREM', KEYS[1], member)
-      redis.call('ZREM', KEYS[2], member)
     elseif status == 'succeed' or status == 'failed' then
-      -- Finished, but its entry is not in the finished band (never written so today):
-      -- put it there, for the sweep to drop when the hash expires.
-      local pttl = redis.call('PTTL', tkey)
-      if pttl > 0 then
-        redis.call('ZADD', KEYS[1], string.format('%d', FINISHED_BAND + now + pttl), member)
-      else
-        redis.call('ZREM', KEYS[1], member)  -- kept for good: nothing left to do for it
-      end
+      -- Finished, yet due (never written so today): nothing is left to do for it.
+      redis.call('ZREM', KEYS[1], member)
     elseif rec[2] and rec[2] ~= '' and held_until and held_until > now then
       -- Someone holds a live lease: look again when it runs out.
       redis.call('ZADD', KEYS[1], held_until, member)

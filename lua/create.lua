@@ -2,7 +2,9 @@
 -- Store a new global transaction with its branches, unless the gid is taken.
 -- KEYS[1] = transaction hash        <prefix>:trans:{pN}:<gid> (branches are its fields)
 -- KEYS[2] = due index (zset)        <prefix>:due:{pN}, member = the listing member
--- KEYS[3] = listing index (zset)    <prefix>:created:{pN}
+-- KEYS[3] = listing bucket (zset)   <prefix>:created:{pN}:<YYYYMMDDHHMM> of minute ARGV[8]
+-- KEYS[4] = listing bucket of the minute after it
+-- KEYS[5] = index of buckets (zset) <prefix>:minutes:{pN}, member = label, score = minute
 -- ARGV[1] = gid
 -- ARGV[2] = status to create with (prepared | submitted)
 -- ARGV[3] = number n of further string fields for the transaction hash
@@ -10,13 +12,21 @@
 -- ARGV[5] = ms from now until the transaction is first due
 -- ARGV[6] = lease owner token, or "" to create it unowned
 -- ARGV[7] = lease length in ms (when ARGV[6] is set)
--- ARGV[8 .. 7 + 2n] = the further fields: name, value, name, value, ...
--- ARGV[8 + 2n .. 7 + 2n + 2m] = the branches in layout order, two entries each: the field
+-- ARGV[8] = the minute (ms // 60000) of KEYS[3]; the transaction goes into the bucket of
+--           the server's minute, which must be this one or the next
+-- ARGV[9], ARGV[10] = the labels of KEYS[3] and KEYS[4] when the script is to register
+--           the bucket it writes to (in KEYS[5] and the sweep's schedule), else ""
+-- ARGV[11] = ms from now until the sweep first looks at a bucket registered now (the
+--           finished TTL: no transaction in it can have expired before)
+-- ARGV[12 .. 11 + 2n] = the further fields: name, value, name, value, ...
+-- ARGV[12 + 2n .. 11 + 2n + 2m] = the branches in layout order, two entries each: the field
 --           name "branch:<branch_id>:<op>", then its JSON record (with "seq") cut off right
 --           after '"create_time":"', which the script completes with the time it reads
 --           (create_time and update_time)
--- returns {"OK", now_ms} or {"EXISTS", current_status, stored fingerprint or "", trans_type}
+-- returns {"OK", now_ms}, {"EXISTS", current_status, stored fingerprint or "", trans_type}
+--         or {"SKEW", now_ms} when the server's minute is neither (nothing is written)
 
+--!include lib_band.lua
 --!include lib_create.lua
 
 return create_transaction(KEYS, ARGV)

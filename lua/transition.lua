@@ -3,9 +3,7 @@
 -- results, field changes and an optional new status, and reschedule or finish it.
 -- KEYS[1] = transaction hash (its "branch:<branch_id>:<op>" fields are the branches)
 -- KEYS[2] = due index (zset): member = the listing member ("created_member"), score =
---           ms when next due, or for a finished transaction FINISHED_BAND (keys.py) +
---           ms when its hash expires
--- KEYS[3] = listing index (zset)
+--           ms when next due; a finished transaction leaves it
 -- ARGV[1] = gid
 -- ARGV[2] = expected statuses, comma separated
 -- ARGV[3] = owner token the caller must hold, or "" (API calls hold no lease)
@@ -27,7 +25,6 @@
 --         {"CONFLICT", current_status} or {"LEASE_LOST", current_owner}
 
 --!include lib_expect.lua
---!include lib_band.lua
 
 -- A field set to '' counts as absent: a finished transaction's lease fields are emptied
 -- in the one HSET of its last write instead of deleted by a second command.
@@ -124,14 +121,11 @@ if new == 'succeed' or new == 'failed' then
   hset[n + 1], hset[n + 2], hset[n + 3], hset[n + 4] = 'owner', '', 'lease_until', ''
   hset[n + 5], hset[n + 6], hset[n + 7], hset[n + 8] = 'next_cron_time', '', 'poke', ''
   redis.call('HSET', KEYS[1], unpack(hset))
-  -- The transaction is one key, so all of it expires at the same moment. Its due entry
-  -- moves into the finished band, scored by that moment: no claim looks there, and the
-  -- sweep drops it with the listing entry once the moment has passed.
-  -- As text, not a Lua number, which Redis would have to format ("%.17g").
-  local ttl = ARGV[10]
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('ZADD', KEYS[2], string.format('%d', FINISHED_BAND + now + tonumber(ttl) * 1000),
-             member)
+  -- The transaction is one key, so all of it expires at the same moment. Nothing is due
+  -- for it any more; its listing entry stays with its minute's bucket, which the sweep
+  -- empties once the transactions in it have expired.
+  redis.call('EXPIRE', KEYS[1], ARGV[10])
+  redis.call('ZREM', KEYS[2], member)
   return {'OK', new, snow, '0'}
 end
 

@@ -23,7 +23,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from coordinator.errors import NotFound, PartitionMismatch
-from coordinator.keys import FINISHED_BAND, KeySpace, partition_of, tag
+from coordinator.keys import (
+    FINISHED_BAND,
+    KeySpace,
+    label_minute,
+    member_minute,
+    minute_label,
+    partition_of,
+    tag,
+)
 from coordinator.model import Status
 from coordinator.store.base import ListFilter, Transition
 from coordinator.store.cluster import parse_seeds
@@ -106,17 +114,30 @@ async def field(client: aioredis.Redis | RedisCluster, key: str, name: str) -> s
 # -- key layout --------------------------------------------------------------------------
 
 
+def bucket_of(store: RedisStore, member: str) -> str:
+    """The listing bucket that holds a listing member: its partition's, of its minute."""
+    return store.keys.bucket(store.keys.partition(member[14:]),
+                             minute_label(member_minute(member)))
+
+
+async def sweep_now(store: RedisStore, partition: int) -> int:
+    """Bring every listing bucket of the partition due for a look, then sweep it."""
+    due = store.keys.due(partition)
+    labels = await store.client.zrangebyscore(due, FINISHED_BAND, "+inf")
+    if labels:
+        await store.client.zadd(due, dict.fromkeys(labels, FINISHED_BAND))
+    return await store.sweep(partition)
+
+
 def test_keyspace_layout() -> None:
     ks = KeySpace(prefix="coord", partitions=PARTITIONS)
     keys = ks.for_gid("{2}order-7")
-    assert keys.as_list() == [
-        "coord:trans:{p2}:{2}order-7",
-        "coord:due:{p2}",
-        "coord:created:{p2}",
-    ]
-    assert ks.partition_keys(2) == keys.as_list()[1:]
+    assert keys.as_list() == ["coord:trans:{p2}:{2}order-7", "coord:due:{p2}"]
+    assert ks.bucket(2, "202612011745") == "coord:created:{p2}:202612011745"
+    assert ks.minutes(2) == "coord:minutes:{p2}"
     assert tag(2) == "{p2}"
-    assert len({key_slot(k.encode()) for k in keys.as_list()}) == 1
+    names = [*keys.as_list(), ks.bucket(2, "202612011745"), ks.minutes(2)]
+    assert len({key_slot(k.encode()) for k in names}) == 1
     # An explicit tag beyond the partition count falls back to the hash.
     assert 0 <= partition_of("{9}x", PARTITIONS) < PARTITIONS
     assert partition_of("{9}x", 16) == 9
@@ -124,6 +145,15 @@ def test_keyspace_layout() -> None:
     spread = {partition_of(f"gid-{i}", PARTITIONS) for i in range(64)}
     assert spread == set(range(PARTITIONS))
     assert partition_of("gid-1", PARTITIONS) == partition_of("gid-1", PARTITIONS)
+
+
+def test_bucket_labels_name_their_minute_in_utc() -> None:
+    minute = 1_796_147_583_485 // 60_000
+    assert minute_label(minute) == "202612011753"
+    assert label_minute("202612011753") == minute
+    assert member_minute("1796147583485:g") == minute
+    with pytest.raises(ValueError, match="not a listing bucket label"):
+        label_minute("2026112921")
 
 
 async def test_stored_keys_follow_the_keyspace(rstore: RedisStore) -> None:
@@ -135,35 +165,76 @@ async def test_stored_keys_follow_the_keyspace(rstore: RedisStore) -> None:
     names = [k async for k in rstore.client.scan_iter(match=f"{ks.prefix}:*")
              if k not in (ks.kv("partitions"), ks.kv("layout"))]
     keys = ks.for_gid(gid)
-    assert sorted(names) == sorted([keys.trans, keys.due, keys.created])
+    member = await field(rstore.client, keys.trans, "created_member")
+    label = minute_label(member_minute(member))
+    assert sorted(names) == sorted([keys.trans, keys.due, ks.bucket(2, label), ks.minutes(2)])
     assert all(tag(2) in name for name in names)
     assert len({key_slot(n.encode()) for n in names}) == 1
     assert await rstore.client.hget(keys.trans, "gid") == gid
     assert await rstore.client.hexists(keys.trans, "branch:01:action")
-    member = await field(rstore.client, keys.trans, "created_member")
-    assert await rstore.client.zscore(keys.created, member) is not None
-    # Finished: its due entry, named by the same member, is in the finished band.
-    assert (await rstore.client.zscore(keys.due, member) or 0) >= FINISHED_BAND
+    assert await rstore.client.zscore(ks.bucket(2, label), member) == 0
+    assert await rstore.client.zscore(ks.minutes(2), label) == member_minute(member)
+    # Finished: it left the due index, which holds the bucket's next sweep in its band.
+    assert await rstore.client.zscore(keys.due, member) is None
+    look = await rstore.client.zscore(keys.due, label)
+    assert look is not None
+    assert look - FINISHED_BAND > int(member[:13]) + 86_400_000 - 1_000
 
 
 def test_the_scripts_use_the_finished_band_of_keys_py() -> None:
-    assert f"local FINISHED_BAND = {FINISHED_BAND}\n" in script_text("transition")
+    for name in ("create", "sweep"):
+        assert f"local FINISHED_BAND = {FINISHED_BAND}\n" in script_text(name)
 
 
-# -- upgrade from layout 1 -------------------------------------------------------------------
+async def test_a_create_takes_the_bucket_of_the_servers_minute(rstore: RedisStore) -> None:
+    """The create names two buckets around this host's estimate of the server's time;
+    one far off (here, an hour) costs one retry, and the estimate is corrected."""
+    c = rstore.client
+    p = rstore.keys.partition("skewed")
+    rstore._clock_offset_ms[p] -= 3_600_000
+    await rstore.create(make_trans("skewed"), due_in_ms=60_000)
+    member = await field(c, rstore.keys.for_gid("skewed").trans, "created_member")
+    assert await c.zscore(bucket_of(rstore, member), member) == 0
+    seconds, _ = await c.time()
+    assert abs(member_minute(member) - seconds // 60) <= 1
+    assert abs(rstore._clock_offset_ms[p]) < 5_000
+
+
+# -- upgrade from earlier layouts ------------------------------------------------------------
+
+
+async def _to_layout_3(store: RedisStore, gid: str) -> str:
+    """Rewrites a stored transaction's index entries as layout 3 kept them: its listing
+    entry in the partition's one listing index, and when finished a due entry in the
+    band, scored by when its hash expires; returns its listing member."""
+    c: Any = store.client  # decodes responses
+    ks = store.keys
+    keys, p = ks.for_gid(gid), ks.partition(gid)
+    member = await field(c, keys.trans, "created_member")
+    await c.zadd(ks.legacy_created(p), {member: 0})
+    for label in await c.zrange(ks.minutes(p), 0, -1):
+        await c.delete(ks.bucket(p, label))
+        await c.zrem(keys.due, label)
+    await c.delete(ks.minutes(p))
+    pttl = await c.pttl(keys.trans)
+    if pttl > 0:
+        seconds, micros = await c.time()
+        await c.zadd(keys.due, {member: FINISHED_BAND + seconds * 1000 + micros // 1000 + pttl})
+    return member
 
 
 async def _to_layout_1(store: RedisStore, gid: str) -> dict[str, str]:
     """Rewrites a stored transaction as version 1 kept it: its branch records in a
     second hash, its due entry named by the gid, or when finished an entry in the
-    partition's expiry index instead; returns the branch records."""
+    partition's expiry index instead, and its listing entry as layout 3 (see there);
+    returns the branch records."""
     c: Any = store.client  # decodes responses
     keys = store.keys.for_gid(gid)
+    member = await _to_layout_3(store, gid)
     fields: dict[str, str] = await c.hgetall(keys.trans)
     old = {k[len("branch:"):]: v for k, v in fields.items() if k.startswith("branch:")}
     await c.hdel(keys.trans, *(f"branch:{k}" for k in old))
     await c.hset(keys.trans.replace(":trans:", ":branches:", 1), mapping=old)
-    member = fields["created_member"]
     score = await c.zscore(keys.due, member)
     await c.zrem(keys.due, member)
     if score >= FINISHED_BAND:
@@ -174,21 +245,23 @@ async def _to_layout_1(store: RedisStore, gid: str) -> dict[str, str]:
     return old
 
 
+async def _listed(store: RedisStore, member: str) -> bool:
+    return await store.client.zscore(bucket_of(store, member), member) == 0
+
+
 async def test_start_brings_layout_1_data_to_this_layout(
     store_factory: RedisStoreFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = await store_factory(finished_ttl_s=3_600)
     c, ks = first.client, first.keys
-    assert await c.get(ks.kv("layout")) == "3"
+    assert await c.get(ks.kv("layout")) == "4"
     running, finished, orphan = "{1}old-running", "{2}old-finished", "{3}old-orphan"
     await first.create(make_trans(running), due_in_ms=0)
     await first.create(make_trans(finished), due_in_ms=60_000)
     await first.transition(finished, Transition(SUBMITTED, Status.SUCCEED))
     ttl = await c.pttl(ks.for_gid(finished).trans)
-    scores = {}
-    for gid in (running, finished):
-        keys = ks.for_gid(gid)
-        scores[gid] = await c.zscore(keys.due, await field(c, keys.trans, "created_member"))
+    running_member = await field(c, ks.for_gid(running).trans, "created_member")
+    running_score = await c.zscore(ks.for_gid(running).due, running_member)
     records = {gid: await _to_layout_1(first, gid) for gid in (running, finished)}
     assert all(records.values())
     # A branch hash whose transaction is gone, and a deployment without the marker.
@@ -202,20 +275,28 @@ async def test_start_brings_layout_1_data_to_this_layout(
         second = await store_factory(finished_ttl_s=3_600)
     assert "moved the branches of 2 transactions" in caplog.text
     assert "renamed 1 due entries and moved 1 expiry entries" in caplog.text
-    assert await c.get(ks.kv("layout")) == "3"
+    assert "moved 2 listing entries" in caplog.text
+    assert "dropped 0 due entries" in caplog.text
+    assert await c.get(ks.kv("layout")) == "4"
     assert not await c.exists(ks.legacy_expiry(2))
     assert [k async for k in c.scan_iter(match=ks.legacy_branches_pattern())] == []
     for gid, old in records.items():
         fields = await c.hgetall(ks.for_gid(gid).trans)
         assert {k: fields[f"branch:{k}"] for k in old} == old
         member = fields["created_member"]
-        assert await c.zscore(ks.due(ks.partition(gid)), member) == scores[gid]
+        assert await _listed(second, member)
+        assert not await c.exists(ks.legacy_created(ks.partition(gid)))
         assert await c.zscore(ks.due(ks.partition(gid)), gid) is None
         loaded = await second.load(gid)
         assert loaded is not None
         assert [b.key for b in loaded.branches] == [b.key for b in make_trans(gid).branches]
-    assert 0 < ttl - await c.pttl(ks.for_gid(finished).trans) < 5_000  # its TTL is kept
+    assert await c.zscore(ks.due(1), running_member) == running_score
+    # The finished one keeps no due entry, and its TTL.
+    assert await c.zrangebyscore(ks.due(2), "-inf", f"({FINISHED_BAND}") == []
+    assert 0 < ttl - await c.pttl(ks.for_gid(finished).trans) < 5_000
     assert await c.ttl(ks.for_gid(running).trans) == -1
+    page = await second.list("", 10, ListFilter())
+    assert sorted(t.gid for t in page.transactions) == [running, finished]
     # The moved transaction goes on as before.
     [claimed] = await second.claim(1, 10, "w")
     assert claimed.trans.gid == running
@@ -235,16 +316,57 @@ async def test_start_brings_layout_2_due_entries_to_this_layout(
     gid = "{0}layout-2"
     keys = ks.for_gid(gid)
     await first.create(make_trans(gid), due_in_ms=0)
-    member = await field(c, keys.trans, "created_member")
+    member = await _to_layout_3(first, gid)
     score = await c.zscore(keys.due, member)
     await c.zrem(keys.due, member)
     await c.zadd(keys.due, {gid: score or 0})
     await c.set(ks.kv("layout"), "2")
     second = await store_factory()
-    assert await c.get(ks.kv("layout")) == "3"
+    assert await c.get(ks.kv("layout")) == "4"
     assert await c.zscore(keys.due, member) == score
     assert await c.zscore(keys.due, gid) is None
+    assert await _listed(second, member)
     assert [x.trans.gid for x in await second.claim(0, 10, "w")] == [gid]
+
+
+async def test_start_splits_layout_3_listing_into_buckets(
+    store_factory: RedisStoreFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = await store_factory(finished_ttl_s=3_600)
+    c, ks = first.client, first.keys
+    gids = [in_partition(first, 1, f"l3-{i}") for i in range(3)]
+    for gid in gids:
+        await first.create(make_trans(gid), due_in_ms=60_000)
+    await first.transition(gids[0], Transition(SUBMITTED, Status.SUCCEED))
+    members = [await _to_layout_3(first, gid) for gid in gids]
+    # An entry a minute older than the rest, and a band entry whose listing entry the
+    # layout-3 sweep had already dropped.
+    old = f"{int(members[2][:13]) - 60_000:013d}:{gids[2]}"
+    await c.zrem(ks.legacy_created(1), members[2])
+    await c.zadd(ks.legacy_created(1), {old: 0})
+    await c.hset(ks.for_gid(gids[2]).trans, "created_member", old)
+    await c.zadd(ks.due(1), {f"{members[0][:13]}:stray": FINISHED_BAND + 1})
+    assert await c.zscore(ks.due(1), members[0]) is not None  # layout 3's band entry
+    await c.set(ks.kv("layout"), "3")
+
+    with caplog.at_level("INFO", logger="coordinator.store"):
+        second = await store_factory(finished_ttl_s=3_600)
+    assert "moved 3 listing entries" in caplog.text
+    assert "dropped 1 due entries of finished transactions" in caplog.text
+    assert await c.get(ks.kv("layout")) == "4"
+    assert not await c.exists(ks.legacy_created(1))
+    for member in (members[0], members[1], old):
+        assert await _listed(second, member)
+    labels = {minute_label(member_minute(m)) for m in (members[0], old)}
+    assert set(await c.zrange(ks.minutes(1), 0, -1)) == labels
+    # The band holds the buckets' sweeps, not the finished transaction.
+    assert set(await c.zrangebyscore(ks.due(1), FINISHED_BAND, "+inf")) == labels
+    assert await c.zscore(ks.due(1), members[1]) is not None  # unfinished: still due
+    page = await second.list("", 10, ListFilter())
+    assert [t.gid for t in page.transactions] == [gids[1], gids[0], gids[2]]
+    # The buckets' first looks come after the TTL from their minute's end.
+    assert await sweep_now(second, 1) == 0
+    assert await second.sweep(1) == 0
 
 
 # -- expiry ---------------------------------------------------------------------------------
@@ -260,8 +382,7 @@ async def test_finished_keys_share_one_ttl(store_factory: RedisStoreFactory) -> 
     assert await c.ttl(keys.trans) == -1
     member = await field(c, keys.trans, "created_member")
     assert 0 < (await c.zscore(keys.due, member) or 0) < FINISHED_BAND
-    result = await store.transition("ttl-1", Transition(frozenset({Status.ABORTING}),
-                                                        Status.FAILED))
+    await store.transition("ttl-1", Transition(frozenset({Status.ABORTING}), Status.FAILED))
     trans_ms = await c.pttl(keys.trans)
     assert 3_600_000 - 2_000 < trans_ms <= 3_600_000
     # The lease fields are emptied, not deleted; they read as absent.
@@ -270,12 +391,19 @@ async def test_finished_keys_share_one_ttl(store_factory: RedisStoreFactory) -> 
     loaded = await store.load("ttl-1")
     assert loaded is not None
     assert (loaded.owner, loaded.next_cron_time) == ("", 0)
-    assert await c.zscore(keys.due, member) == FINISHED_BAND + result.now + 3_600_000
-    # Nothing to claim, nothing to bring forward; the sweep has nothing yet either.
+    # Nothing is due for it any more; its listing entry waits for its bucket's sweep.
+    assert await c.zscore(keys.due, member) is None
+    assert await _listed(store, member)
     assert await store.claim(store.keys.partition("ttl-1"), 10, "w") == []
     assert await store.reset_due(store.keys.partition("ttl-1"), 0, 10) == (0, False)
     assert await store.sweep(store.keys.partition("ttl-1")) == 0
-    assert await c.zscore(keys.due, member) == FINISHED_BAND + result.now + 3_600_000
+    # Looked at before it expired, the bucket is planned for when it will have.
+    assert await sweep_now(store, store.keys.partition("ttl-1")) == 0
+    assert await _listed(store, member)
+    label = minute_label(member_minute(member))
+    look = await c.zscore(keys.due, label)
+    assert look is not None
+    assert abs(look - FINISHED_BAND - (int(member[:13]) + 3_600_000)) < 5_000
 
 
 async def test_sweep_drops_index_entries(store_factory: RedisStoreFactory) -> None:
@@ -288,9 +416,9 @@ async def test_sweep_drops_index_entries(store_factory: RedisStoreFactory) -> No
     await store.transition(gid, Transition(SUBMITTED, Status.SUCCEED))
     await asyncio.sleep(1.2)
     assert not await c.exists(keys.trans)
-    assert await c.zscore(keys.created, member) is not None  # until the sweeper runs
-    assert await c.zscore(keys.due, member) is not None
-    assert await store.claim(1, 10, "w") == []  # claims leave the finished band alone
+    assert await _listed(store, member)  # until the sweeper runs
+    assert await c.zscore(keys.due, member) is None
+    assert await store.claim(1, 10, "w") == []
     # The gid is used again before the sweeper runs: the listing shows it once, and the
     # sweep drops only the old entry.
     await store.create(make_trans(gid), due_in_ms=60_000)
@@ -300,12 +428,73 @@ async def test_sweep_drops_index_entries(store_factory: RedisStoreFactory) -> No
     assert [t.gid for t in page.transactions] == [gid]
     assert await store.sweep(1) == 1
     assert await store.sweep(1) == 0
-    assert await c.zscore(keys.created, member) is None
-    assert await c.zscore(keys.due, member) is None
-    assert await c.zscore(keys.created, new_member) is not None
+    assert not await _listed(store, member)
+    assert await _listed(store, new_member)
     assert await c.zscore(keys.due, new_member) is not None
     page = await store.list("", 10, ListFilter())
     assert [t.gid for t in page.transactions] == [gid]
+
+
+async def test_sweep_walks_a_large_bucket_in_chunks_and_drops_it_when_empty(
+    store_factory: RedisStoreFactory,
+) -> None:
+    store = await store_factory(finished_ttl_s=1)
+    c = store.client
+    gids = [in_partition(store, 2, f"bulk-{i:04d}") for i in range(1_203)]
+    for i in range(0, len(gids), 200):
+        await asyncio.gather(*(store.create(make_trans(g), due_in_ms=60_000)
+                               for g in gids[i:i + 200]))
+    members = {g: await field(c, store.keys.for_gid(g).trans, "created_member") for g in gids}
+    labels = {minute_label(member_minute(m)) for m in members.values()}
+    await asyncio.gather(*(store.transition(g, Transition(SUBMITTED, Status.SUCCEED))
+                           for g in gids[:-1]))
+    await asyncio.sleep(1.1)
+    assert await sweep_now(store, 2) == len(gids) - 1
+    # The one left is unfinished: its bucket stays, looked at again in a while.
+    assert await _listed(store, members[gids[-1]])
+    label = minute_label(member_minute(members[gids[-1]]))
+    assert await c.zscore(store.keys.minutes(2), label) is not None
+    await store.transition(gids[-1], Transition(SUBMITTED, Status.FAILED))
+    await asyncio.sleep(1.1)
+    for _ in range(3):  # a bucket of the current minute stays registered until it ends
+        await sweep_now(store, 2)
+    assert not await _listed(store, members[gids[-1]])
+    for label in labels:
+        assert await c.zcard(store.keys.bucket(2, label)) == 0
+    seconds, _ = await c.time()
+    if all(label != minute_label(seconds // 60) for label in labels):
+        assert await c.zcard(store.keys.minutes(2)) == 0
+        assert await c.zrangebyscore(store.keys.due(2), FINISHED_BAND, "+inf") == []
+
+
+async def test_an_empty_bucket_leaves_the_index_once_its_minute_is_over(
+    store_factory: RedisStoreFactory,
+) -> None:
+    """Here a bucket two minutes old (its transaction's listing entry is moved there):
+    its sweep drops the entry, then the bucket and its registration."""
+    store = await store_factory(finished_ttl_s=1)
+    c, ks = store.client, store.keys
+    gid = "{2}two-minutes-old"
+    keys = ks.for_gid(gid)
+    await store.create(make_trans(gid), due_in_ms=60_000)
+    member = await field(c, keys.trans, "created_member")
+    old = f"{int(member[:13]) - 120_000:013d}:{gid}"
+    label = minute_label(member_minute(old))
+    await c.zrem(bucket_of(store, member), member)
+    await c.zadd(ks.bucket(2, label), {old: 0})
+    await c.zadd(ks.minutes(2), {label: member_minute(old)})
+    await c.zadd(keys.due, {label: FINISHED_BAND + 1})
+    await c.zrem(keys.due, member)
+    await c.hset(keys.trans, "created_member", old)
+    await store.transition(gid, Transition(SUBMITTED, Status.SUCCEED))
+    assert await store.sweep(2) == 0  # finished a moment ago: looked at again at its end
+    assert await c.zscore(ks.minutes(2), label) is not None
+    assert await sweep_now(store, 2) == 0
+    await asyncio.sleep(1.1)
+    assert await sweep_now(store, 2) == 1
+    assert not await c.exists(ks.bucket(2, label))
+    assert await c.zscore(ks.minutes(2), label) is None
+    assert await c.zscore(keys.due, label) is None
 
 
 # -- index entries never outlive their transaction -------------------------------------------
@@ -322,7 +511,10 @@ async def test_claim_drops_due_entries_of_missing_transactions(rstore: RedisStor
     claimed = await rstore.claim(3, 10, "w")
     assert [x.trans.gid for x in claimed] == ["{3}present"]
     assert await c.zscore(keys.due, member) is None
-    assert await c.zscore(keys.created, member) is None
+    # Its listing entry goes at its bucket's next look.
+    assert await _listed(rstore, member)
+    assert await sweep_now(rstore, 3) == 1
+    assert not await _listed(rstore, member)
 
 
 async def test_claim_drops_due_entries_of_a_reused_gid(rstore: RedisStore) -> None:
@@ -338,9 +530,10 @@ async def test_claim_drops_due_entries_of_a_reused_gid(rstore: RedisStore) -> No
     assert new != old
     assert await rstore.claim(3, 10, "w") == []
     assert await c.zscore(keys.due, old) is None
-    assert await c.zscore(keys.created, old) is None
     assert await c.zscore(keys.due, new) is not None
-    assert await c.zscore(keys.created, new) is not None
+    assert await sweep_now(rstore, 3) == 1
+    assert not await _listed(rstore, old)
+    assert await _listed(rstore, new)
 
 
 async def test_due_partitions_names_exactly_the_partitions_with_due_work(
@@ -382,7 +575,8 @@ async def test_transition_of_a_missing_transaction_leaves_its_entries_to_the_cla
         await rstore.transition(gid, Transition(SUBMITTED, Status.ABORTING))
     assert await rstore.claim(1, 10, "w") == []
     assert await c.zscore(keys.due, member) is None
-    assert await c.zscore(keys.created, member) is None
+    assert await sweep_now(rstore, 1) == 1
+    assert not await _listed(rstore, member)
 
 
 # -- scripts --------------------------------------------------------------------------------

@@ -26,7 +26,15 @@ from coordinator.errors import (
     StoreUnavailable,
     raise_for_reply,
 )
-from coordinator.keys import FINISHED_BAND, KeySpace
+from coordinator.keys import (
+    FINISHED_BAND,
+    MINUTE_MS,
+    KeySpace,
+    label_minute,
+    member_minute,
+    minute_label,
+    partition_of,
+)
 from coordinator.model import Branch, Status, Trans
 from coordinator.store.base import (
     Claimed,
@@ -70,11 +78,29 @@ RETRIED_ERRORS: tuple[type[RedisError], ...] = (RedisConnectionError, RedisTimeo
 RETRIES = 5  # waits of 0.05, 0.1, 0.2, 0.4, 0.5 s: about 1.3 s before giving up
 # Idle connections are pinged before use after this many seconds.
 HEALTH_CHECK_INTERVAL = 10
-# Layout 3 (keys.py): branch records are fields of the transaction hash, and the due
-# index, named by listing members, also holds finished transactions (in its finished
-# band). Layout 1 kept branches in a hash of their own, and 1 and 2 a separate index of
-# finished transactions.
-LAYOUT = "3"
+# Layout 4 (keys.py): branch records are fields of the transaction hash; the due index,
+# named by listing members, holds unfinished transactions, and in its band the sweep's
+# schedule of the listing buckets, one sorted set per partition and minute. Layout 3
+# kept one listing index per partition and finished transactions in the band; layout 1
+# kept branches in a hash of their own, and 1 and 2 a separate index of finished
+# transactions.
+LAYOUT = "4"
+
+# The listing buckets (keys.py). A create names the buckets of two minutes around this
+# host's estimate of the server's time (the script takes the server's own minute), so an
+# estimate up to this far off still hits one of them; a worse one costs a retry.
+BUCKET_REACH_MS = 30_000
+# A bucket that holds only unfinished transactions is looked at again after this long.
+SWEEP_RECHECK_MS = 600_000
+# Members per sweep call, so that one call never blocks Redis for long; and how long a
+# walk keeps other sweepers off its bucket.
+SWEEP_CHUNK = 500
+SWEEP_WALK_MS = 60_000
+# How long a process trusts its memory that a bucket is registered (create.lua): after
+# Redis lost writes (a failover), its creates register the buckets again within this.
+LISTED_FOR_S = 5.0
+# How many of each partition's bucket minutes a listing round reads at most.
+LIST_MINUTES = 16
 
 
 def _retry_policy() -> Retry:
@@ -118,6 +144,13 @@ class RedisStore(Store):
         self.lease_ms = lease_ms
         self._due_keys = [keys.due(p) for p in range(self.partitions)]
         self.finished_ttl_s = finished_ttl_s
+        self._first_look_ms = finished_ttl_s * 1000
+        # The server's clock minus this host's, per partition (a cluster's nodes may
+        # disagree); learned at start and from any create that missed its minute.
+        self._clock_offset_ms = [0] * self.partitions
+        # (partition, minute) of the listing buckets this process registered lately.
+        self._listed: set[tuple[int, int]] = set()
+        self._listed_until = 0.0
         # register_script only computes the SHA; start() loads them so that the first
         # call of each is already an EVALSHA hit. AsyncScript reloads on NOSCRIPT.
         self.scripts: dict[str, AsyncScript] = {
@@ -174,7 +207,14 @@ class RedisStore(Store):
         if self.batch_script is not None:
             await self.client.script_load(self.batch_script.script)
         await self._check_partitions()
+        await self._read_clock()
         await self._upgrade_layout()
+
+    async def _read_clock(self) -> None:
+        seconds, micros = await self.client.time()
+        self._clock_offset_ms = [
+            seconds * 1000 + micros // 1000 - _now_ms()
+        ] * self.partitions
 
     async def _check_partitions(self) -> None:
         """The partition count is part of every key's name: a deployment restarted with
@@ -198,9 +238,11 @@ class RedisStore(Store):
         found = await self.client.get(marker)
         if found == LAYOUT:
             return
-        if found != "2":
+        if found not in ("2", "3"):
             await self._move_branch_hashes()
-        await self._fold_expiry_indexes()
+        if found != "3":
+            await self._fold_expiry_indexes()
+        await self._split_listing_indexes()
         await self.client.set(marker, LAYOUT)
 
     async def _move_branch_hashes(self) -> None:
@@ -233,7 +275,34 @@ class RedisStore(Store):
                 converted, moved = converted + int(n), moved + int(m)
         if converted or moved:
             log.info("renamed %d due entries and moved %d expiry entries into the due "
-                     "indexes (key layout %s)", converted, moved, LAYOUT)
+                     "indexes (key layout 3)", converted, moved)
+
+    async def _split_listing_indexes(self) -> None:
+        """Layout 3 kept one listing index per partition, and a due entry in the band
+        for every finished transaction."""
+        script = self.client.register_script(script_text("migrate_listing"))
+        moved = dropped = 0
+        for p in range(self.partitions):
+            old, due = self.keys.legacy_created(p), self.keys.due(p)
+            while members := [str(m) for m in await self.client.zrange(old, 0, 499)]:
+                labels = [minute_label(member_minute(m)) for m in members]
+                args: list[Any] = [self._first_look_ms]
+                for member, label in zip(members, labels, strict=True):
+                    args += [member, label]
+                moved += int(await script(
+                    keys=[due, old, self.keys.minutes(p),
+                          *(self.keys.bucket(p, label) for label in labels)],
+                    args=args))
+            # Band entries of finished transactions without a listing entry (layout 3's
+            # sweep dropped the two together, so these are strays): layout 4 keeps none.
+            band = await self.client.zrangebyscore(due, FINISHED_BAND, "+inf")
+            strays = [m for m in map(str, band) if ":" in m]
+            if strays:
+                dropped += int(await self.client.zrem(due, *strays))
+        if moved or dropped:
+            log.info("moved %d listing entries into listing buckets by minute and dropped "
+                     "%d due entries of finished transactions (key layout %s)",
+                     moved, dropped, LAYOUT)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -251,28 +320,61 @@ class RedisStore(Store):
     def create_call(
         self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
     ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of lua/create.lua for this transaction."""
+        """KEYS and ARGV of lua/create.lua for this transaction. A caller that runs the
+        script itself hands its reply to `created` (see there)."""
+        gid = trans.gid
+        p = partition_of(gid, self.partitions)
+        wall = time.time()
+        minute = (int(wall * 1000) + self._clock_offset_ms[p] - BUCKET_REACH_MS) // MINUTE_MS
+        if wall >= self._listed_until:
+            self._listed.clear()
+            self._listed_until = wall + LISTED_FOR_S
+        first, second = minute_label(minute), minute_label(minute + 1)
+        listed = self._listed
         fields = trans_field_pairs(trans)
         args: list[Any] = [
-            trans.gid,
+            gid,
             trans.status,  # a str: packed as its value (see codec.branch_to_json)
             len(fields) // 2,
             len(trans.branches),
             max(0, due_in_ms),
             owner,
             lease_ms or self.lease_ms,
+            minute,
+            "" if (p, minute) in listed else first,
+            "" if (p, minute + 1) in listed else second,
+            self._first_look_ms,
         ]
         args += fields
         args += branch_records(trans.branches)
-        return self.keys.trans_keys(trans.gid), args
+        keys = self.keys.trans_keys(gid)
+        prefix = self.keys.bucket_prefix(p)
+        keys += [prefix + first, prefix + second, self.keys.minutes(p)]
+        return keys, args
+
+    def created(self, gid: str, reply: Sequence[Any]) -> bool:
+        """Take note of a create's reply (create.lua's, or a participant's script that
+        creates the same way): True if the create is to be sent again, because the
+        server's clock stood outside both minutes named (nothing was written)."""
+        p = partition_of(gid, self.partitions)
+        if reply[0] == "OK":
+            self._listed.add((p, int(reply[1]) // MINUTE_MS))
+        elif reply[0] == "SKEW":
+            self._clock_offset_ms[p] = int(reply[1]) - _now_ms()
+            return True
+        return False
 
     @_unavailable_as_503
     async def create(
         self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
     ) -> int:
-        keys, args = self.create_call(trans, due_in_ms=due_in_ms, owner=owner, lease_ms=lease_ms)
         started = time.perf_counter()
-        reply = await self._batch.call(self.scripts["create"], keys, args)
+        for _attempt in range(3):
+            keys, args = self.create_call(trans, due_in_ms=due_in_ms, owner=owner,
+                                          lease_ms=lease_ms)
+            reply = await self._batch.call(self.scripts["create"], keys, args)
+            if not self.created(trans.gid, reply):
+                break
         if reply[0] == "EXISTS":
             raise AlreadyExists(trans.gid, *reply[1:4])
         self.observer.script("create", time.perf_counter() - started)
@@ -329,8 +431,8 @@ class RedisStore(Store):
 
     async def _due(self, zset: str, limit: int, band: int = 0) -> builtins.list[str]:
         """Members of a partition's due index that look due by this host's clock: of
-        unfinished transactions, or with `band` = FINISHED_BAND, of finished ones whose
-        hash has expired.
+        unfinished transactions, or with `band` = FINISHED_BAND, the labels of listing
+        buckets due for a sweep.
 
         Only a hint: claim and sweep check each one again by the server's clock, in the
         script. A plain command rather than a script keeps the idle look cheap.
@@ -365,7 +467,7 @@ class RedisStore(Store):
         if not members:
             return []
         tp = self.keys.trans_prefix(partition)
-        keys = [*self.keys.partition_keys(partition), *(tp + m[14:] for m in members)]
+        keys = [self.keys.due(partition), *(tp + m[14:] for m in members)]
         started = time.perf_counter()
         reply = await self._batch.call(
             self.scripts["claim"], keys, [token_prefix, self.lease_ms, *members], writes=READ
@@ -386,20 +488,45 @@ class RedisStore(Store):
 
     @_unavailable_as_503
     async def sweep(self, partition: int) -> int:
-        members = await self._due(self.keys.due(partition), 500, FINISHED_BAND)
-        if not members:
-            return 0
+        """Walk the partition's listing buckets that are due for a look (a few per call):
+        drop the entries of transactions that are gone; returns how many."""
+        labels = await self._due(self.keys.due(partition), 8, FINISHED_BAND)
+        removed = 0
+        for label in labels:
+            removed += await self._sweep_bucket(partition, label)
+        return removed
+
+    async def _sweep_bucket(self, partition: int, label: str) -> int:
+        """One walk of one bucket, a chunk of members per script call (sweep.lua)."""
+        bucket = self.keys.bucket(partition, label)
+        head = [self.keys.due(partition), self.keys.minutes(partition), bucket]
         prefix = self.keys.trans_prefix(partition)
-        keys = self.keys.partition_keys(partition) + [prefix + m[14:] for m in members]
-        return int(await self._batch.call(self.scripts["sweep"], keys, members, writes=READ))
+        minute = label_minute(label)
+        removed, mode, lower, latest, unfinished = 0, "take", "-", "", ""
+        while True:
+            members = [str(m) for m in await self.client.zrangebylex(
+                bucket, lower, "+", start=0, num=SWEEP_CHUNK)]
+            last = "1" if len(members) < SWEEP_CHUNK else ""
+            reply = await self._batch.call(
+                self.scripts["sweep"], head + [prefix + m[14:] for m in members],
+                [label, minute, mode, SWEEP_WALK_MS, SWEEP_RECHECK_MS, last, latest,
+                 unfinished, *members],
+                writes=READ)
+            if reply[0] != "OK":
+                return removed  # not due by the server's clock, or another walk has it
+            removed += int(reply[1])
+            latest, unfinished = reply[2], reply[3]
+            if last:
+                return removed
+            mode, lower = "", "(" + members[-1]
 
     @_unavailable_as_503
     async def list(self, position: str, limit: int, where: ListFilter) -> Page:
-        """Merge the partitions' listing indexes, newest first.
+        """Merge the partitions' listing buckets, newest first.
 
-        Members are "<13-digit create ms>:<gid>", unique per transaction, so the last
-        member returned is an exact cursor: no page repeats or skips a transaction that
-        existed for the whole walk.
+        Members are "<13-digit create ms>:<gid>", unique per transaction, and each is in
+        the bucket of its own minute, so the last member returned is an exact cursor: no
+        page repeats or skips a transaction that existed for the whole walk.
         """
         upper = "+"
         if where.create_to_ms:
@@ -407,39 +534,68 @@ class RedisStore(Store):
         if position and (upper == "+" or position < upper[1:]):
             upper = "(" + position
         lower = f"[{where.create_from_ms:013d}" if where.create_from_ms else "-"
+        # Which minutes' buckets may hold members between the bounds.
+        top = "+inf" if upper == "+" else str(member_minute(upper[1:]))
+        bottom = str(where.create_from_ms // MINUTE_MS) if where.create_from_ms else "-inf"
         found: list[Trans] = []
         cursor = ""
+        span = 2  # minutes read per round; doubles while rounds come back short
         while len(found) < limit:
             async with self.client.pipeline(transaction=False) as pipe:
                 for p in range(self.partitions):
-                    pipe.zrevrangebylex(self.keys.created(p), upper, lower, 0, limit)
+                    pipe.zrevrangebyscore(self.keys.minutes(p), top, bottom, start=0,
+                                          num=LIST_MINUTES, withscores=True)
+                rows: list[list[tuple[str, float]]] = await pipe.execute()
+            minutes = sorted({int(m) for bucket_rows in rows for _, m in bucket_rows},
+                             reverse=True)
+            if not minutes:
+                return Page(found, "")
+            # A partition that filled its answer may have older buckets not read yet:
+            # this round goes no lower than its oldest one read.
+            floor = minutes[min(span, len(minutes)) - 1]
+            for bucket_rows in rows:
+                if len(bucket_rows) == LIST_MINUTES:
+                    floor = max(floor, int(bucket_rows[-1][1]))
+            more_below = floor > minutes[-1] or any(len(r) == LIST_MINUTES for r in rows)
+            chosen = [(p, str(label)) for p, bucket_rows in enumerate(rows)
+                      for label, m in bucket_rows if m >= floor]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for p, label in chosen:
+                    pipe.zrevrangebylex(self.keys.bucket(p, label), upper, lower, 0, limit)
                 lists = await pipe.execute()
             merged = sorted(
-                ((member, p) for p, members in enumerate(lists) for member in members),
+                ((str(member), p) for (p, _), members in zip(chosen, lists, strict=True)
+                 for member in members),
                 reverse=True,
             )[:limit]
-            if not merged:
+            if len(merged) == limit:
+                # More may wait in these minutes: the next round starts at the last one.
+                top = str(member_minute(merged[-1][0]))
+            elif more_below:
+                top, span = f"({floor}", min(2 * span, LIST_MINUTES)
+            if merged:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for member, p in merged:
+                        pipe.hgetall(self.keys.trans_prefix(p) + member[14:])
+                    records = await pipe.execute()
+                for (member, _p), rec in zip(merged, records, strict=True):
+                    cursor = member
+                    if not rec or rec.get("created_member") != member:
+                        continue  # expired; the sweep drops the entry
+                    if where.status and rec.get("status") != where.status:
+                        continue
+                    if where.trans_type and rec.get("trans_type") != where.trans_type:
+                        continue
+                    try:
+                        # A page shows no branches: the branch fields are left unread.
+                        found.append(trans_from_hash(split_hash(rec)[0], {}))
+                    except CorruptRecord:
+                        continue  # unreadable: `query` shows its raw fields; a page must not fail
+                    if len(found) == limit:
+                        return Page(found, cursor)
+                upper = "(" + cursor
+            if len(merged) < limit and not more_below:
                 return Page(found, "")
-            async with self.client.pipeline(transaction=False) as pipe:
-                for member, p in merged:
-                    pipe.hgetall(self.keys.trans_prefix(p) + member[14:])
-                records = await pipe.execute()
-            for (member, _p), rec in zip(merged, records, strict=True):
-                cursor = member
-                if not rec or rec.get("created_member") != member:
-                    continue  # expired; the sweeper drops the entry
-                if where.status and rec.get("status") != where.status:
-                    continue
-                if where.trans_type and rec.get("trans_type") != where.trans_type:
-                    continue
-                try:
-                    # A page shows no branches: the branch fields are left unread.
-                    found.append(trans_from_hash(split_hash(rec)[0], {}))
-                except CorruptRecord:
-                    continue  # unreadable: `query` shows its raw fields; a page must not fail
-                if len(found) == limit:
-                    break
-            upper = "(" + cursor
         return Page(found, cursor)
 
     @_unavailable_as_503
