@@ -39,7 +39,7 @@ from coordinator.store.redis_store import RedisStore
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
 from tests.cluster_support import RedisClusterProcess
 from tests.store_contract import *  # noqa: F403
-from tests.store_contract import SUBMITTED, in_partition, make_trans
+from tests.store_contract import SUBMITTED, in_partition, list_all, make_trans
 
 PARTITIONS = 4
 
@@ -367,6 +367,47 @@ async def test_start_splits_layout_3_listing_into_buckets(
     # The buckets' first looks come after the TTL from their minute's end.
     assert await sweep_now(second, 1) == 0
     assert await second.sweep(1) == 0
+
+
+async def _move_to_minute(store: RedisStore, gid: str, ms: int) -> str:
+    """Gives a stored transaction the listing member of creation time `ms`, in the
+    bucket of that minute (registered as a create registers it)."""
+    c, ks = store.client, store.keys
+    keys, p = ks.for_gid(gid), ks.partition(gid)
+    member = await field(c, keys.trans, "created_member")
+    new = f"{ms:013d}:{gid}"
+    label = minute_label(member_minute(new))
+    await c.zrem(bucket_of(store, member), member)
+    await c.zadd(ks.bucket(p, label), {new: 0})
+    await c.zadd(ks.minutes(p), {label: member_minute(new)})
+    await c.hset(keys.trans, mapping={"created_member": new, "create_time": str(ms)})
+    return new
+
+
+async def test_list_merges_buckets_of_many_minutes_and_partitions(rstore: RedisStore) -> None:
+    """Transactions spread over 45 minutes, more than a listing round reads of one
+    partition's buckets, some minutes shared by partitions, some with several: every
+    page size and time window gives exactly the newest-first order."""
+    seconds, _ = await rstore.client.time()
+    base = (seconds // 60 - 50) * 60_000
+    placed: dict[str, int] = {}
+    for i in range(40):
+        gid = in_partition(rstore, i % PARTITIONS, f"spread-{i:02d}")
+        await rstore.create(make_trans(gid), due_in_ms=60_000)
+        minute = (i * 7) % 45  # a scattered order of creation minutes
+        placed[gid] = base + minute * 60_000 + (i * 997) % 60_000
+        await _move_to_minute(rstore, gid, placed[gid])
+    newest_first = sorted(placed, key=lambda g: (placed[g], g), reverse=True)
+    for limit in (1, 3, 7, 40, 100):
+        listed = await list_all(rstore, limit, ListFilter())
+        assert [t.gid for t in listed] == newest_first, limit
+    start, end = base + 10 * 60_000 + 30_000, base + 31 * 60_000
+    window = [g for g in newest_first if start <= placed[g] < end]
+    assert window
+    listed = await list_all(rstore, 4, ListFilter(create_from_ms=start, create_to_ms=end))
+    assert [t.gid for t in listed] == window
+    everything = await list_all(rstore, 5, ListFilter(status=Status.SUBMITTED.value))
+    assert [t.gid for t in everything] == newest_first
 
 
 # -- expiry ---------------------------------------------------------------------------------

@@ -148,8 +148,11 @@ class RedisStore(Store):
         # The server's clock minus this host's, per partition (a cluster's nodes may
         # disagree); learned at start and from any create that missed its minute.
         self._clock_offset_ms = [0] * self.partitions
-        # (partition, minute) of the listing buckets this process registered lately.
-        self._listed: set[tuple[int, int]] = set()
+        # Per partition, the listing buckets a create names now: [first minute, its key,
+        # the next minute's key, the index of buckets, and the labels to register, ""
+        # once this process has seen a create registered there]; forgotten every
+        # LISTED_FOR_S, so that buckets are registered again after Redis lost writes.
+        self._buckets: list[list[Any] | None] = [None] * self.partitions
         self._listed_until = 0.0
         # register_script only computes the SHA; start() loads them so that the first
         # call of each is already an EVALSHA hit. AsyncScript reloads on NOSCRIPT.
@@ -327,10 +330,14 @@ class RedisStore(Store):
         wall = time.time()
         minute = (int(wall * 1000) + self._clock_offset_ms[p] - BUCKET_REACH_MS) // MINUTE_MS
         if wall >= self._listed_until:
-            self._listed.clear()
+            self._buckets = [None] * self.partitions
             self._listed_until = wall + LISTED_FOR_S
-        first, second = minute_label(minute), minute_label(minute + 1)
-        listed = self._listed
+        named = self._buckets[p]
+        if named is None or named[0] != minute:
+            first, second = minute_label(minute), minute_label(minute + 1)
+            prefix = self.keys.bucket_prefix(p)
+            named = self._buckets[p] = [minute, prefix + first, prefix + second,
+                                        self.keys.minutes(p), first, second]
         fields = trans_field_pairs(trans)
         args: list[Any] = [
             gid,
@@ -341,15 +348,13 @@ class RedisStore(Store):
             owner,
             lease_ms or self.lease_ms,
             minute,
-            "" if (p, minute) in listed else first,
-            "" if (p, minute + 1) in listed else second,
+            named[4],
+            named[5],
             self._first_look_ms,
         ]
         args += fields
         args += branch_records(trans.branches)
-        keys = self.keys.trans_keys(gid)
-        prefix = self.keys.bucket_prefix(p)
-        keys += [prefix + first, prefix + second, self.keys.minutes(p)]
+        keys = [self.keys.trans_prefix(p) + gid, self._due_keys[p], named[1], named[2], named[3]]
         return keys, args
 
     def created(self, gid: str, reply: Sequence[Any]) -> bool:
@@ -358,7 +363,11 @@ class RedisStore(Store):
         server's clock stood outside both minutes named (nothing was written)."""
         p = partition_of(gid, self.partitions)
         if reply[0] == "OK":
-            self._listed.add((p, int(reply[1]) // MINUTE_MS))
+            named = self._buckets[p]
+            if named is not None:
+                at = int(reply[1]) // MINUTE_MS - named[0]
+                if at in (0, 1):
+                    named[4 + at] = ""
         elif reply[0] == "SKEW":
             self._clock_offset_ms[p] = int(reply[1]) - _now_ms()
             return True
