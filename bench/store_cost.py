@@ -1,0 +1,162 @@
+"""What the store costs Redis per two-step saga: its create and finish, and later its sweep.
+
+The bench's scenarios measure the Redis time of transactions while they run; the sweep
+that drops their listing entries runs a finished TTL later (a day by default), outside
+any run. This drives the store directly, on a private redis-server kept like the
+bench's (AOF, `appendfsync everysec`, no rewrite during the run), with a finished TTL
+of a few seconds:
+
+    python -m bench.store_cost --transactions 20000 [--rounds 2] [--at-once 16]
+
+For each round it creates and finishes the transactions (`--at-once` of them at a
+time, through the store's batching as the engine uses it: the fewer at once, the fewer
+scripts share a call), waits until they have expired, sweeps every partition until a
+pass drops nothing, and prints the µs Redis spent per transaction in each phase (INFO
+commandstats: the script calls, and the reads the store sends by themselves), which
+commands ran inside the scripts and for how long, and the memory a finished
+transaction held. To measure another revision's store, run this file with that
+revision's source tree first on PYTHONPATH:
+
+    PYTHONPATH=/path/to/other/checkout python bench/store_cost.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import coordinator
+from coordinator.keys import KeySpace
+from coordinator.machines.saga import branches_for
+from coordinator.model import BranchStatus, Options, Status, Trans
+from coordinator.store.base import Transition
+from coordinator.store.redis_store import RedisStore
+
+PARTITIONS = 63
+TTL_S = 3
+MAX_SWEEP_PASSES = 1_000
+
+
+# Commandstats count a command run inside a script twice: in its own line and in the
+# script call's. The store sends these reads by themselves (the due candidates, a sweep's
+# chunk of a bucket) and everything else as scripts.
+_SENT_ALONE = ("cmdstat_zrangebyscore", "cmdstat_zrangebylex")
+
+
+def _command_usec(stats: dict[str, Any]) -> int:
+    """Redis's time in the store's calls: its scripts, and the reads it sends alone."""
+    return sum(int(stats[k]["usec"]) for k in ("cmdstat_evalsha", *_SENT_ALONE) if k in stats)
+
+
+def _inner_usec(stats: dict[str, Any], n: int) -> dict[str, float]:
+    """µs per transaction of each command but the script calls themselves."""
+    out = {k[len("cmdstat_"):]: int(v["usec"]) / n for k, v in stats.items()
+           if k.startswith("cmdstat_") and k != "cmdstat_evalsha"}
+    return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+
+async def measure(socket: str, transactions: int, lanes: int, sweep: bool) -> dict[str, Any]:
+    # A key prefix of its own per round: a round's buckets are new, as a run's would be.
+    run = uuid.uuid4().hex[:8]
+    store = RedisStore.from_url(f"unix://{socket}", KeySpace(f"cost{run}", PARTITIONS),
+                                finished_ttl_s=TTL_S)
+    await store.start()
+    try:
+        steps = ({"action": "", "compensate": ""}, {"action": "", "compensate": ""})
+        branches = branches_for(steps)
+        template = Trans(gid="", trans_type="saga", status=Status.SUBMITTED, steps=steps,
+                         payloads=("{}", "{}"), branches=branches,
+                         options=Options(wait_result=True))
+        # The finish sends the branch record whole, as the engine does.
+        now = int(time.time() * 1000)
+        last = replace(branches[3], seq=4, create_time=now, update_time=now)
+        per_lane = transactions // lanes
+
+        async def lane(k: int) -> None:
+            for i in range(per_lane):
+                gid, token = f"{run}-{k}-{i}", f"cost:{k}"
+                await store.create(replace(template, gid=gid), due_in_ms=0, owner=token)
+                await store.transition(gid, Transition(
+                    expected=frozenset({Status.SUBMITTED}), new_status=Status.SUCCEED,
+                    owner=token, lease="renew", branch_updates={last.key: BranchStatus.SUCCEED},
+                    records={last.key: last}))
+
+        n = per_lane * lanes
+        await store.client.config_resetstat()
+        await asyncio.gather(*(lane(k) for k in range(lanes)))
+        stats = await store.client.info("commandstats")
+        write = _command_usec(stats) / n
+        scripts = int(stats["cmdstat_evalsha"]["usec"]) / n
+        calls = int(stats["cmdstat_evalsha"]["calls"]) / n
+        inner = _inner_usec(stats, n)
+        memory = int((await store.client.info("memory"))["used_memory"]) / n
+        if not sweep:
+            return {"transactions": n, "create_finish_us": write, "script_us": scripts,
+                    "script_calls": calls, "inside_scripts_us": inner, "sweep_us": 0.0,
+                    "entries_swept": 0, "memory_bytes": memory}
+        await asyncio.sleep(TTL_S + 1.5)
+        await store.client.config_resetstat()
+        removed = 0
+        for _ in range(MAX_SWEEP_PASSES):
+            dropped = sum([await store.sweep(p) for p in range(PARTITIONS)])
+            removed += dropped
+            if removed and not dropped:
+                break
+        sweep_us = _command_usec(await store.client.info("commandstats")) / n
+        return {"transactions": n, "create_finish_us": write, "script_us": scripts,
+                "script_calls": calls, "inside_scripts_us": inner, "sweep_us": sweep_us,
+                "entries_swept": removed, "memory_bytes": memory}
+    finally:
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.store_cost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--transactions", type=int, default=20_000)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--at-once", type=int, default=16, help="transactions in flight")
+    p.add_argument("--no-sweep", action="store_true",
+                   help="measure the create and finish only (for script variants whose "
+                        "listing the sweep cannot read)")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as data:
+        socket = os.path.join(data, "redis.sock")
+        server = subprocess.Popen(
+            ["redis-server", "--port", "0", "--unixsocket", socket, "--dir", data,
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+             "--auto-aof-rewrite-min-size", "64gb"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while not os.path.exists(socket):
+                if time.monotonic() > deadline or server.poll() is not None:
+                    print("redis-server did not start", file=sys.stderr)
+                    return 1
+                time.sleep(0.05)
+            print(f"store of {os.path.dirname(coordinator.__file__)}")
+            for _ in range(args.rounds):
+                r = asyncio.run(measure(socket, args.transactions, args.at_once, not args.no_sweep))
+                inside = ", ".join(f"{k} {v:.2f}" for k, v in r["inside_scripts_us"].items())
+                print(f"{r['transactions']:,} sagas, {args.at_once} at once: create + finish "
+                      f"{r['create_finish_us']:.1f} µs per saga, of which scripts "
+                      f"{r['script_us']:.1f} ({r['script_calls']:.2f} script calls per "
+                      f"saga; the commands inside: {inside}); sweep {r['sweep_us']:.1f} µs "
+                      f"({r['entries_swept']:,} entries dropped); "
+                      f"{r['memory_bytes']:,.0f} bytes each before expiry")
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
