@@ -6,9 +6,9 @@ tag, so a transition that touches the transaction and the indexes is one script 
 slot, and the same code runs on Redis Cluster: partitions spread over its nodes.
 
 The listing is kept per partition and minute of creation (a "bucket"), not in one
-sorted set of every transaction kept: a write to the small sorted set of the current
-minute costs Redis a fraction of an insert into one that holds a day of transactions,
-and the sweep drops a minute's entries together once their transactions have expired.
+sorted set of every transaction kept: an insert into the small sorted set of the
+current minute costs Redis less than one into a set that holds a day of transactions,
+and the sweep takes a minute's entries together once their transactions have expired.
 
 A participant that keeps its own data in this Redis (flash-sale stock) co-locates it
 with its transactions by using the partition's tag in its keys and a gid that names

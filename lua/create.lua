@@ -23,7 +23,7 @@
 --           name "branch:<branch_id>:<op>", then its JSON record (with "seq") cut off right
 --           after '"create_time":"', which the script completes with the time it reads
 --           (create_time and update_time)
--- returns {"OK", now_ms}, {"EXISTS", current_status, stored fingerprint or "", trans_type}
+-- returns {"OK", now_ms, "1" if it registered the bucket else ""}, {"EXISTS", current_status, stored fingerprint or "", trans_type}
 --         or {"SKEW", now_ms} when the server's minute is neither (nothing is written)
 
 --!include lib_band.lua

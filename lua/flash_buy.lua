@@ -11,7 +11,8 @@
 --           then the fields' and the branches' pairs)
 -- ARGV[12 + 2n + 2m] = units to buy
 -- ARGV[13 + 2n + 2m] = seconds to keep the barrier record
--- returns {"OK", now_ms, stock_left}, {"SOLD_OUT", stock_left},
+-- returns {"OK", now_ms, "1" if it registered the listing bucket else "", stock_left},
+--         {"SOLD_OUT", stock_left},
 --         {"EXISTS", status, fingerprint, trans_type} or {"SKEW", now_ms} (as create.lua)
 
 --!include lib_band.lua
@@ -32,4 +33,4 @@ redis.call('DECRBY', KEYS[6], amount)
 -- The local transaction (the deduction) is committed together with the message, so a
 -- back-check, should one ever be needed, finds the barrier and answers success.
 redis.call('SET', KEYS[7], 'committed', 'EX', tonumber(ARGV[own + 1]))
-return {'OK', created[2], stock - amount}
+return {'OK', created[2], created[3], stock - amount}

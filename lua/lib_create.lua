@@ -70,6 +70,7 @@ local function create_transaction(K, A)
 
   redis.call('ZADD', K[2], score, member)
   redis.call('ZADD', bucket, '0', member)
+  local registered = ''
   if label ~= '' then
     -- The caller has not seen this bucket registered lately: enter it in the index of
     -- buckets, and in the sweep's schedule for when the first of its transactions may
@@ -77,6 +78,7 @@ local function create_transaction(K, A)
     redis.call('ZADD', K[5], minute, label)
     redis.call('ZADD', K[2], 'NX', string.format('%d', FINISHED_BAND + now + tonumber(A[11])),
                label)
+    registered = '1'
   end
-  return {'OK', snow}
+  return {'OK', snow, registered}
 end

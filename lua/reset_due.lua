@@ -1,8 +1,8 @@
 -- reset_due
 -- Bring forward transactions of one partition that would otherwise wait longer than a
 -- given time, so they are retried now (after an outage of a participant, say).
--- KEYS[1] = due index (zset) of the partition; the finished band (scores from
---           FINISHED_BAND, keys.py) holds finished transactions and is left alone
+-- KEYS[1] = due index (zset) of the partition; its band (scores from FINISHED_BAND,
+--           keys.py) holds the sweep's schedule and is left alone
 -- ARGV[1] = wait threshold in ms: entries due later than now + this are reset
 -- ARGV[2] = at most this many entries
 -- returns {reset_count, remaining ("1" if more entries beyond the limit qualify)}

@@ -90,8 +90,11 @@ LAYOUT = "4"
 # host's estimate of the server's time (the script takes the server's own minute), so an
 # estimate up to this far off still hits one of them; a worse one costs a retry.
 BUCKET_REACH_MS = 30_000
-# A bucket that holds only unfinished transactions is looked at again after this long.
+# A bucket that holds only unfinished transactions is looked at again after this long
+# at least (after a quarter of its age once it is older, up to a day: sweep.lua).
 SWEEP_RECHECK_MS = 600_000
+# One sweep call of a partition walks due buckets for this long at most.
+SWEEP_BUDGET_S = 1.0
 # Members per sweep call, so that one call never blocks Redis for long; and how long a
 # walk keeps other sweepers off its bucket.
 SWEEP_CHUNK = 500
@@ -298,10 +301,14 @@ class RedisStore(Store):
                     args=args))
             # Band entries of finished transactions without a listing entry (layout 3's
             # sweep dropped the two together, so these are strays): layout 4 keeps none.
-            band = await self.client.zrangebyscore(due, FINISHED_BAND, "+inf")
-            strays = [m for m in map(str, band) if ":" in m]
-            if strays:
-                dropped += int(await self.client.zrem(due, *strays))
+            # The band's buckets (no ':') stay, and are stepped over.
+            kept = 0
+            while band := [str(m) for m in await self.client.zrangebyscore(
+                    due, FINISHED_BAND, "+inf", start=kept, num=500)]:
+                strays = [m for m in band if ":" in m]
+                kept += len(band) - len(strays)
+                if strays:
+                    dropped += int(await self.client.zrem(due, *strays))
         if moved or dropped:
             log.info("moved %d listing entries into listing buckets by minute and dropped "
                      "%d due entries of finished transactions (key layout %s)",
@@ -362,7 +369,9 @@ class RedisStore(Store):
         creates the same way): True if the create is to be sent again, because the
         server's clock stood outside both minutes named (nothing was written)."""
         p = partition_of(gid, self.partitions)
-        if reply[0] == "OK":
+        if reply[0] == "OK" and reply[2] == "1":
+            # Only a create that registered a bucket vouches for it: a reply to one sent
+            # before the labels were forgotten must not cancel the registering again.
             named = self._buckets[p]
             if named is not None:
                 at = int(reply[1]) // MINUTE_MS - named[0]
@@ -497,12 +506,29 @@ class RedisStore(Store):
 
     @_unavailable_as_503
     async def sweep(self, partition: int) -> int:
-        """Walk the partition's listing buckets that are due for a look (a few per call):
-        drop the entries of transactions that are gone; returns how many."""
-        labels = await self._due(self.keys.due(partition), 8, FINISHED_BAND)
+        """Walk the partition's listing buckets that are due for a look, for up to
+        SWEEP_BUDGET_S: drop the entries of transactions that are gone; returns how many."""
+        due = self.keys.due(partition)
         removed = 0
-        for label in labels:
-            removed += await self._sweep_bucket(partition, label)
+        deadline = time.monotonic() + SWEEP_BUDGET_S
+        walked: set[str] = set()
+        while time.monotonic() < deadline:
+            labels = [label for label in await self._due(due, 8 + len(walked), FINISHED_BAND)
+                      if label not in walked]
+            if not labels:
+                break
+            for label in labels:
+                walked.add(label)
+                try:
+                    label_minute(label)
+                except ValueError:
+                    # Not a bucket's: a due entry an instance of an earlier layout wrote
+                    # into the band. Layout 4 keeps none there.
+                    log.warning("dropping %r from the sweep's schedule of %s: not a bucket",
+                                label, due)
+                    await self.client.zrem(due, label)
+                    continue
+                removed += await self._sweep_bucket(partition, label)
         return removed
 
     async def _sweep_bucket(self, partition: int, label: str) -> int:
@@ -511,20 +537,19 @@ class RedisStore(Store):
         head = [self.keys.due(partition), self.keys.minutes(partition), bucket]
         prefix = self.keys.trans_prefix(partition)
         minute = label_minute(label)
-        removed, mode, lower, latest, unfinished = 0, "take", "-", "", ""
+        removed, mode, lower, latest = 0, "take", "-", ""
         while True:
             members = [str(m) for m in await self.client.zrangebylex(
                 bucket, lower, "+", start=0, num=SWEEP_CHUNK)]
             last = "1" if len(members) < SWEEP_CHUNK else ""
             reply = await self._batch.call(
                 self.scripts["sweep"], head + [prefix + m[14:] for m in members],
-                [label, minute, mode, SWEEP_WALK_MS, SWEEP_RECHECK_MS, last, latest,
-                 unfinished, *members],
+                [label, minute, mode, SWEEP_WALK_MS, SWEEP_RECHECK_MS, last, latest, *members],
                 writes=READ)
             if reply[0] != "OK":
                 return removed  # not due by the server's clock, or another walk has it
             removed += int(reply[1])
-            latest, unfinished = reply[2], reply[3]
+            latest = reply[2]
             if last:
                 return removed
             mode, lower = "", "(" + members[-1]
@@ -537,15 +562,17 @@ class RedisStore(Store):
         the bucket of its own minute, so the last member returned is an exact cursor: no
         page repeats or skips a transaction that existed for the whole walk.
         """
+        # Times past 2286 would need a 14th digit: none is created then.
+        to_ms, from_ms = min(where.create_to_ms, 10**13 - 1), min(where.create_from_ms, 10**13 - 1)
         upper = "+"
-        if where.create_to_ms:
-            upper = f"({where.create_to_ms:013d}"
+        if to_ms:
+            upper = f"({to_ms:013d}"
         if position and (upper == "+" or position < upper[1:]):
             upper = "(" + position
-        lower = f"[{where.create_from_ms:013d}" if where.create_from_ms else "-"
+        lower = f"[{from_ms:013d}" if from_ms else "-"
         # Which minutes' buckets may hold members between the bounds.
         top = "+inf" if upper == "+" else str(member_minute(upper[1:]))
-        bottom = str(where.create_from_ms // MINUTE_MS) if where.create_from_ms else "-inf"
+        bottom = str(from_ms // MINUTE_MS) if from_ms else "-inf"
         found: list[Trans] = []
         cursor = ""
         span = 2  # minutes read per round; doubles while rounds come back short
