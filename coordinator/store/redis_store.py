@@ -90,6 +90,7 @@ LAYOUT = "4"
 # host's estimate of the server's time (the script takes the server's own minute), so an
 # estimate up to this far off still hits one of them; a worse one costs a retry.
 BUCKET_REACH_MS = 30_000
+CREATE_ATTEMPTS = 3
 # A bucket that holds only unfinished transactions is looked at again after this long
 # at least (after a quarter of its age once it is older, up to a day: sweep.lua).
 SWEEP_RECHECK_MS = 600_000
@@ -364,6 +365,25 @@ class RedisStore(Store):
         keys = [self.keys.trans_prefix(p) + gid, self._due_keys[p], named[1], named[2], named[3]]
         return keys, args
 
+    async def create_by(
+        self, trans: Trans, send: Callable[[list[str], list[Any]], Awaitable[Any]], *,
+        due_in_ms: int, owner: str = "", lease_ms: int = 0,
+    ) -> Any:
+        """Run a create through `send(keys, args)`, which calls create.lua or a
+        participant's script that creates the same way with those KEYS and ARGV first,
+        and return its reply. A create that met the server's clock outside both minutes
+        it named wrote nothing: it is sent again with the estimate corrected, and after
+        CREATE_ATTEMPTS such replies StoreUnavailable is raised."""
+        for _attempt in range(CREATE_ATTEMPTS):
+            keys, args = self.create_call(trans, due_in_ms=due_in_ms, owner=owner,
+                                          lease_ms=lease_ms)
+            reply = await send(keys, args)
+            if not self.created(trans.gid, reply):
+                break
+        else:
+            raise_for_reply(reply[0], trans.gid, "", "create")
+        return reply
+
     def created(self, gid: str, reply: Sequence[Any]) -> bool:
         """Take note of a create's reply (create.lua's, or a participant's script that
         creates the same way): True if the create is to be sent again, because the
@@ -387,12 +407,11 @@ class RedisStore(Store):
         self, trans: Trans, *, due_in_ms: int, owner: str = "", lease_ms: int = 0
     ) -> int:
         started = time.perf_counter()
-        for _attempt in range(3):
-            keys, args = self.create_call(trans, due_in_ms=due_in_ms, owner=owner,
-                                          lease_ms=lease_ms)
-            reply = await self._batch.call(self.scripts["create"], keys, args)
-            if not self.created(trans.gid, reply):
-                break
+        script = self.scripts["create"]
+        reply = await self.create_by(
+            trans, lambda keys, args: self._batch.call(script, keys, args),
+            due_in_ms=due_in_ms, owner=owner, lease_ms=lease_ms,
+        )
         if reply[0] == "EXISTS":
             raise AlreadyExists(trans.gid, *reply[1:4])
         self.observer.script("create", time.perf_counter() - started)

@@ -30,7 +30,6 @@ import uuid
 
 import orjson
 
-from coordinator.errors import StoreUnavailable
 from coordinator.keys import KeySpace, tag
 from coordinator.machines.msg import branches_for
 from coordinator.model import Options, Status, Trans, evolve
@@ -84,16 +83,14 @@ class Sale:
         gid = f"{{{self.partition}}}{uuid.uuid4().hex}"
         payload = orjson.dumps({"user": user, "item": self.item}).decode()
         trans = evolve(self.purchase, gid=gid, payloads=(payload,))
-        barrier = f"{self.barrier_prefix}{gid}-00-msg-01"
-        for _attempt in range(3):
-            keys, args = self.store.create_call(trans, due_in_ms=0)
-            keys += [self.stock_key, barrier]
-            reply = await self.batch.call(self.buy_script, keys, [*args, 1, BARRIER_TTL_S])
-            # Again only if the server's clock stood outside the minutes named (nothing
-            # was written); the store has corrected its estimate from the reply.
-            if not self.store.created(gid, reply):
-                return reply[0] == "OK", gid
-        raise StoreUnavailable(f"the Redis clock kept moving; {gid} was not bought")
+        keys_after = [self.stock_key, f"{self.barrier_prefix}{gid}-00-msg-01"]
+        reply = await self.store.create_by(
+            trans,
+            lambda keys, args: self.batch.call(
+                self.buy_script, [*keys, *keys_after], [*args, 1, BARRIER_TTL_S]),
+            due_in_ms=0,
+        )
+        return reply[0] == "OK", gid
 
     async def create_order(self, gid: str, branch_id: str, order: str) -> str:
         barrier = f"{self.barrier_prefix}{gid}-{branch_id}-action-01"
