@@ -59,7 +59,7 @@ def serve(settings: Settings) -> None:
     from redis.exceptions import RedisError
 
     from coordinator.embedded_redis import EmbeddedRedisError
-    from coordinator.errors import PartitionMismatch
+    from coordinator.errors import DataMismatch
     from coordinator.startup import StartupError, describe_listeners, describe_redis, prepare
 
     if settings.server.workers > 1:
@@ -93,7 +93,7 @@ def serve(settings: Settings) -> None:
         # Our own serving loop rather than web.run_app: it adds the connection cap and
         # the keep-alive timeout (api/server.py).
         asyncio.run(serve_app(create_app(settings), settings, sockets, announce))
-    except (EmbeddedRedisError, RedisError, PartitionMismatch) as exc:
+    except (EmbeddedRedisError, RedisError, DataMismatch) as exc:
         # The private redis-server would not start (locked data directory, …) or the
         # store's scripts could not be loaded: one line, not a traceback.
         raise StartupError(str(exc)) from None

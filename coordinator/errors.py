@@ -29,8 +29,16 @@ class StoreUnavailable(CoordinatorError):
     """Redis cannot be reached right now; the client should retry (HTTP 503)."""
 
 
-class PartitionMismatch(CoordinatorError):
+class DataMismatch(CoordinatorError):
+    """The data in Redis was stored in a way this process cannot work with."""
+
+
+class PartitionMismatch(DataMismatch):
     """redis.partitions differs from the count the stored transactions were keyed with."""
+
+
+class LayoutTooNew(DataMismatch):
+    """The data in Redis is in a key layout of a newer version than this one."""
 
 
 class NotFound(CoordinatorError):

@@ -27,6 +27,11 @@ from dataclasses import dataclass
 # Branch records live in the transaction hash under "branch:<branch_id>:<op>"; no
 # transaction field name contains ':', so the two never clash.
 BRANCH_FIELD = "branch:"
+# The transaction as its client sent it (type, steps, payloads, options, the branches'
+# layout, ...), fixed from its create on: one JSON field, since every hash field costs
+# Redis an argument, an entry and AOF text on each write. A branch of it gets a field of
+# its own only once its status changes, and that field holds just its state.
+SPEC_FIELD = "spec"
 
 # The due index holds one entry per unfinished transaction, its listing member
 # "<13-digit create ms>:<gid>", scored by when it is next due (ms); a transaction leaves

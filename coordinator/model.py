@@ -124,6 +124,12 @@ class Branch:
     # The op sent on the wire when it is not one of the fixed ops: a workflow's recovery
     # call names the workflow.
     wire_op: str = ""
+    # Whether the branch's fixed part (id, op, url, data) is in the transaction's spec,
+    # as for the branches its create stored, so that a change stores only its state;
+    # False for a branch registered at run time or read from an older layout, whose
+    # record of its own is rewritten whole (see lua/transition.lua). A hint of where
+    # the branch is kept, not part of what it is: equality ignores it.
+    in_spec: bool = field(default=False, compare=False, repr=False)
 
     # "<branch_id>:<op>", computed once and kept in the instance dict: the engine asks
     # for it many times per round. evolve() copies it (and drops it when the id changes).
@@ -150,7 +156,8 @@ _BLANK_BRANCH_FIELDS = Branch("", Op.ACTION, "").__dict__.copy()
 
 
 def stamped(branches: tuple[Branch, ...], now: int) -> tuple[Branch, ...]:
-    """The branches as create stores them: seq by position, created and updated at `now`.
+    """The branches as create stores them: in its spec, seq by position, created and
+    updated at `now`.
 
     evolve per branch (a keyword dict and a key check each) was most of what the engine
     spent rebuilding a new transaction's branches after its create.
@@ -160,6 +167,7 @@ def stamped(branches: tuple[Branch, ...], now: int) -> tuple[Branch, ...]:
         fields = branch.__dict__.copy()
         fields["seq"] = seq
         fields["create_time"] = fields["update_time"] = now
+        fields["in_spec"] = True
         out.append(record_of(Branch, fields))
     return tuple(out)
 

@@ -11,7 +11,7 @@
 -- ARGV[2+k] = due-index member of candidate k
 -- returns {now_ms, {gid, token, {field, value, ...} (transaction and "branch:" fields),
 --          previous owner ('' unless a lease that ran out was taken over)}, ...}
--- An owner or lease_until of '' counts as absent (finished transactions keep them empty).
+-- An owner or lease_until of '' counts as absent (an ended lease leaves them empty).
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -2,29 +2,29 @@
 -- Store a new global transaction with its branches, unless the gid is taken.
 -- KEYS[1] = transaction hash        <prefix>:trans:{pN}:<gid> (branches are its fields)
 -- KEYS[2] = due index (zset)        <prefix>:due:{pN}, member = the listing member
--- KEYS[3] = listing bucket (zset)   <prefix>:created:{pN}:<YYYYMMDDHHMM> of minute ARGV[8]
+-- KEYS[3] = listing bucket (zset)   <prefix>:created:{pN}:<YYYYMMDDHHMM> of minute ARGV[7]
 -- KEYS[4] = listing bucket of the minute after it
 -- KEYS[5] = index of buckets (zset) <prefix>:minutes:{pN}, member = label, score = minute
 -- ARGV[1] = gid
 -- ARGV[2] = status to create with (prepared | submitted)
 -- ARGV[3] = number n of further string fields for the transaction hash
--- ARGV[4] = number m of branches
--- ARGV[5] = ms from now until the transaction is first due
--- ARGV[6] = lease owner token, or "" to create it unowned
--- ARGV[7] = lease length in ms (when ARGV[6] is set)
--- ARGV[8] = the minute (ms // 60000) of KEYS[3]; the transaction goes into the bucket of
+-- ARGV[4] = ms from now until the transaction is first due
+-- ARGV[5] = lease owner token, or "" to create it unowned
+-- ARGV[6] = lease length in ms (when ARGV[5] is set)
+-- ARGV[7] = the minute (ms // 60000) of KEYS[3]; the transaction goes into the bucket of
 --           the server's minute, which must be this one or the next
--- ARGV[9], ARGV[10] = the labels of KEYS[3] and KEYS[4] when the script is to register
+-- ARGV[8], ARGV[9] = the labels of KEYS[3] and KEYS[4] when the script is to register
 --           the bucket it writes to (in KEYS[5] and the sweep's schedule), else ""
--- ARGV[11] = ms from now until the sweep first looks at a bucket registered now (the
+-- ARGV[10] = ms from now until the sweep first looks at a bucket registered now (the
 --           finished TTL: no transaction in it can have expired before)
--- ARGV[12 .. 11 + 2n] = the further fields: name, value, name, value, ...
--- ARGV[12 + 2n .. 11 + 2n + 2m] = the branches in layout order, two entries each: the field
---           name "branch:<branch_id>:<op>", then its JSON record (with "seq") cut off right
---           after '"create_time":"', which the script completes with the time it reads
---           (create_time and update_time)
+-- ARGV[11 .. 10 + 2n] = the further fields: name, value, name, value, ... Among them
+--           "spec": the transaction as the client sent it, branches included, as one
+--           JSON object (see coordinator/store/codec.py); a branch gets a field of its
+--           own, "branch:<branch_id>:<op>", only once its status changes
 -- returns {"OK", now_ms, "1" if it registered the bucket else ""}, {"EXISTS", current_status, stored fingerprint or "", trans_type}
 --         or {"SKEW", now_ms} when the server's minute is neither (nothing is written)
+-- (fingerprint and trans_type: from the spec, or from their own fields in a record of
+-- layout 4)
 
 --!include lib_band.lua
 --!include lib_create.lua

@@ -6,11 +6,11 @@
 --           the index of buckets)
 -- KEYS[6] = stock counter           e.g. flash:stock:{pN}:<item>, same slot as KEYS[1]
 -- KEYS[7] = barrier of the message  flash:barrier:{pN}:<gid>-00-msg-01
--- ARGV[1 .. 11 + 2n + 2m] = as create.lua (gid, "submitted", n fields, m branches, due
---           ms, owner, lease ms, the listing buckets' minute and labels, the finished TTL in ms,
---           then the fields' and the branches' pairs)
--- ARGV[12 + 2n + 2m] = units to buy
--- ARGV[13 + 2n + 2m] = seconds to keep the barrier record
+-- ARGV[1 .. 10 + 2n] = as create.lua (gid, "submitted", n fields, due ms, owner, lease
+--           ms, the listing buckets' minute and labels, the finished TTL in ms, then the
+--           fields' pairs)
+-- ARGV[11 + 2n] = units to buy
+-- ARGV[12 + 2n] = seconds to keep the barrier record
 -- returns {"OK", now_ms, "1" if it registered the listing bucket else "", stock_left},
 --         {"SOLD_OUT", stock_left},
 --         {"EXISTS", status, fingerprint, trans_type} or {"SKEW", now_ms} (as create.lua)
@@ -19,7 +19,7 @@
 --!include lib_create.lua
 
 -- This script's own arguments follow create's, whose count depends on the transaction.
-local own = 12 + 2 * (tonumber(ARGV[3]) + tonumber(ARGV[4]))
+local own = 11 + 2 * tonumber(ARGV[3])
 local amount = tonumber(ARGV[own])
 local stock = tonumber(redis.call('GET', KEYS[6]) or '0')
 if stock < amount then

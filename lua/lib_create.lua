@@ -7,12 +7,18 @@ local function create_transaction(K, A)
   -- EXISTS first: for the usual new gid its integer reply costs Lua less than the
   -- array HMGET answers.
   if redis.call('EXISTS', K[1]) == 1 then
-    local existing = redis.call('HMGET', K[1], 'status', 'fingerprint', 'trans_type')
+    -- (fingerprint and trans_type are fields of their own in records of layout 4)
+    local existing = redis.call('HMGET', K[1], 'status', 'spec', 'fingerprint', 'trans_type')
     if existing[1] then
       -- The stored content's fingerprint lets the caller tell a repeated request from a
       -- gid reused for other content; its type, a submit of another type from one that
       -- may move a prepared transaction on.
-      return {'EXISTS', existing[1], existing[2] or '', existing[3] or ''}
+      local fingerprint, trans_type = existing[3], existing[4]
+      if existing[2] then
+        local spec = cjson.decode(existing[2])
+        fingerprint, trans_type = spec['fingerprint'], spec['trans_type']
+      end
+      return {'EXISTS', existing[1], fingerprint or '', trans_type or ''}
     end
   end
 
@@ -24,47 +30,39 @@ local function create_transaction(K, A)
   -- around its own estimate of it (a key must be named to be touched on a cluster).
   local minute = math.floor(now / 60000)
   local bucket, label
-  local first = tonumber(A[8])
+  local first = tonumber(A[7])
   if minute == first then
-    bucket, label = K[3], A[9]
+    bucket, label = K[3], A[8]
   elseif minute == first + 1 then
-    bucket, label = K[4], A[10]
+    bucket, label = K[4], A[9]
   else
     return {'SKEW', snow}
   end
 
   -- Scores go to ZADD as text: a Lua number would cost Redis a "%.17g" of it.
-  local next_due = string.format('%d', now + tonumber(A[5]))
+  local next_due = string.format('%d', now + tonumber(A[4]))
   -- The listing orders by creation time, then gid; members are unique per gid. The due
   -- index uses the same member, so that one entry of it can find the other.
   local member = string.format('%013d', now) .. ':' .. A[1]
 
-  -- The further fields and the branches arrive as field/value pairs, one after the
-  -- other: one unpack copies them all in C (decoding a JSON object of them cost more
-  -- than the HSET), into a table made at its full size (appending past a table's size
-  -- rehashes it). The branches are fields of the same hash, so one write stores
-  -- everything: each redis.call has a fixed cost of its own.
-  local last = 11 + 2 * (tonumber(A[3]) + tonumber(A[4]))
+  -- The further fields (the transaction as sent, in "spec") arrive as field/value
+  -- pairs: one unpack copies them in C into a table made at its full size (appending
+  -- past a table's size rehashes it). update_time is left out until something changes:
+  -- it reads as create_time. Every field costs the argument's conversion, the hash
+  -- entry and its AOF text, so a transaction is written in as few as its reads allow.
+  local last = 10 + 2 * tonumber(A[3])
   local score = next_due
   local hset
-  if A[6] ~= '' then
+  if A[5] ~= '' then
     -- The creating instance processes the transaction itself; while its lease holds the
     -- due entry points at the lease's end, so a crash hands the work to another worker.
-    score = string.format('%d', now + tonumber(A[7]))
-    hset = {'gid', A[1], 'status', A[2], 'create_time', snow, 'update_time', snow,
-            'next_cron_time', next_due, 'created_member', member, 'owner', A[6],
-            'lease_until', score, unpack(A, 12, last)}
+    score = string.format('%d', now + tonumber(A[6]))
+    hset = {'gid', A[1], 'status', A[2], 'create_time', snow, 'next_cron_time', next_due,
+            'created_member', member, 'owner', A[5], 'lease_until', score,
+            unpack(A, 11, last)}
   else
-    hset = {'gid', A[1], 'status', A[2], 'create_time', snow, 'update_time', snow,
-            'next_cron_time', next_due, 'created_member', member, unpack(A, 12, last)}
-  end
-
-  -- Each record arrives as JSON cut off where the creation time goes (see the header):
-  -- completing the text costs far less than decoding and encoding every record.
-  local ends = snow .. '","update_time":"' .. snow .. '"}'
-  local n = #hset
-  for i = n - 2 * tonumber(A[4]) + 2, n, 2 do
-    hset[i] = hset[i] .. ends
+    hset = {'gid', A[1], 'status', A[2], 'create_time', snow, 'next_cron_time', next_due,
+            'created_member', member, unpack(A, 11, last)}
   end
   redis.call('HSET', K[1], unpack(hset))
 
@@ -76,7 +74,7 @@ local function create_transaction(K, A)
     -- buckets, and in the sweep's schedule for when the first of its transactions may
     -- have expired (NX: a later registration must not put off a look planned earlier).
     redis.call('ZADD', K[5], minute, label)
-    redis.call('ZADD', K[2], 'NX', string.format('%d', FINISHED_BAND + now + tonumber(A[11])),
+    redis.call('ZADD', K[2], 'NX', string.format('%d', FINISHED_BAND + now + tonumber(A[10])),
                label)
     registered = '1'
   end

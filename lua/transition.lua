@@ -17,17 +17,20 @@
 -- ARGV[10] = seconds a finished transaction is kept
 -- ARGV[11 .. 10 + 2f] = the fields: name, value, name, value, ...
 -- then b triples, one per branch result: the field "branch:<branch_id>:<op>", the
---           branch's new status, and its whole new JSON record cut off right after
---           '"update_time":"' (the script completes it with the time it reads, and
---           finish_time unless the status is "prepared"), or "" when the caller does not
---           hold the record: the script then changes the stored one (decode, encode)
+--           branch's new status, and, for a branch stored in a record of its own (one
+--           registered at run time, or written by layout 4), its whole new JSON record
+--           cut off right after '"update_time":"' (the script completes it with the time
+--           it reads, and finish_time unless the status is "prepared"), else "". What is
+--           stored decides: a branch of the spec gets a state record (status and times);
+--           a record of its own gets the caller's, or, for "", the stored one changed
+--           (decode, encode), so that a caller's wrong guess costs time, never data
 -- returns {"OK", status, now_ms, acquired ("1"/"0")}, {"NOT_FOUND"},
 --         {"CONFLICT", current_status} or {"LEASE_LOST", current_owner}
 
 --!include lib_expect.lua
 
--- A field set to '' counts as absent: a finished transaction's lease fields are emptied
--- in the one HSET of its last write instead of deleted by a second command.
+-- A field set to '' counts as absent: lease fields are emptied in the one HSET of a
+-- write instead of deleted by a second command.
 local function present(v)
   if v and v ~= '' then
     return v
@@ -39,8 +42,9 @@ end
 -- and one HSET at the end: every redis.call costs more than the command itself.
 local first_branch = 11 + 2 * tonumber(ARGV[5])
 local branch_count = tonumber(ARGV[6])
--- A finishing write reads neither the lease's end nor the poke (it empties both): each
--- field HMGET answers costs Lua a table element, so it asks for the first 3 only.
+-- A finishing write reads neither the lease's end nor the poke (a finished transaction
+-- has no use for them): each field HMGET answers costs Lua a table element, so it asks
+-- for the first 3 only.
 local read = 5
 if ARGV[4] == 'succeed' or ARGV[4] == 'failed' then
   read = 3
@@ -80,34 +84,36 @@ end
 local hset = {'status', new, 'update_time', snow, nil, nil, nil, nil, nil, nil, nil, nil,
               nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil}
 
--- Branch results; a record that is not there is not created. The caller sends the
--- record whole but for the times: completing that text costs far less than decoding
--- and encoding the stored one, which is left for a record the caller does not hold.
+-- Branch results. A branch of the spec (create's) keeps only its state in its field:
+-- status and times, text made here. A record of its own holds every part of the branch
+-- ("branch_id" among them): the caller sends it whole but for the times, since
+-- completing that text costs far less than decoding and encoding the stored one, which
+-- is left for a record the caller does not hold.
 local done_tail = '","finish_time":"' .. snow .. '"}'
 for i = 1, branch_count do
   local raw = cur[read + i]
-  if raw then
-    local at = first_branch + 3 * i - 3
-    local branch_status, head = ARGV[at + 1], ARGV[at + 2]
-    local record
-    if head ~= '' then
-      if branch_status ~= 'prepared' then
-        record = head .. snow .. done_tail
-      else
-        record = head .. snow .. '"}'
-      end
-    else
-      local b = cjson.decode(raw)
-      b['status'] = branch_status
-      b['update_time'] = snow
-      if branch_status ~= 'prepared' then
-        b['finish_time'] = snow
-      end
-      record = cjson.encode(b)
-    end
-    hset[#hset + 1] = fields[read + i]
-    hset[#hset + 1] = record
+  local at = first_branch + 3 * i - 3
+  local branch_status, head = ARGV[at + 1], ARGV[at + 2]
+  local tail = '"}'
+  if branch_status ~= 'prepared' then
+    tail = done_tail
   end
+  local record
+  if not (raw and string.find(raw, '"branch_id"', 1, true)) then
+    record = '{"status":"' .. branch_status .. '","update_time":"' .. snow .. tail
+  elseif head ~= '' then
+    record = head .. snow .. tail
+  else
+    local b = cjson.decode(raw)
+    b['status'] = branch_status
+    b['update_time'] = snow
+    if branch_status ~= 'prepared' then
+      b['finish_time'] = snow
+    end
+    record = cjson.encode(b)
+  end
+  hset[#hset + 1] = fields[read + i]
+  hset[#hset + 1] = record
 end
 
 for i = 11, first_branch - 1 do
@@ -117,9 +123,11 @@ end
 if new == 'succeed' or new == 'failed' then
   hset[#hset + 1] = (new == 'succeed') and 'finish_time' or 'rollback_time'
   hset[#hset + 1] = snow
+  -- The owner is emptied (a finished transaction is held by nobody); lease_until,
+  -- next_cron_time and poke are left as they were: nothing reads them once it is
+  -- finished, and each emptied field costs this write an argument and its AOF text.
   local n = #hset
-  hset[n + 1], hset[n + 2], hset[n + 3], hset[n + 4] = 'owner', '', 'lease_until', ''
-  hset[n + 5], hset[n + 6], hset[n + 7], hset[n + 8] = 'next_cron_time', '', 'poke', ''
+  hset[n + 1], hset[n + 2] = 'owner', ''
   redis.call('HSET', KEYS[1], unpack(hset))
   -- The transaction is one key, so all of it expires at the same moment. Nothing is due
   -- for it any more; its listing entry stays with its minute's bucket, which the sweep

@@ -303,15 +303,23 @@ async def test_stored_garbage_still_renders_in_query_and_all(
     assert g in [t["gid"] for t in reply["transactions"]]
 
 
+async def _prepared_msgs(
+    api: Api, participant: Participant, n: int, **extra: object
+) -> list[str]:
+    """n prepared messages, kept an hour (nothing drives them meanwhile)."""
+    gids = [gid() for _ in range(n)]
+    for g in gids:
+        body = {"gid": g, "trans_type": "msg", "steps": [{"action": participant.url("a")}],
+                "query_prepared": participant.url("qp"), "timeout_to_fail": 3600, **extra}
+        status, reply = await api.post("prepare", body)
+        assert status == 200, reply
+    return gids
+
+
 async def test_an_unreadable_status_or_branch_record_is_shown_raw_not_a_500(
     api: Api, shared_coordinator: CoordinatorProcess, redis_url: str, participant: Participant
 ) -> None:
-    gids = [gid(), gid()]
-    for g in gids:
-        body = {"gid": g, "trans_type": "msg", "steps": [{"action": participant.url("a")}],
-                "query_prepared": participant.url("qp"), "timeout_to_fail": 3600}
-        status, reply = await api.post("prepare", body)
-        assert status == 200, reply
+    gids = await _prepared_msgs(api, participant, 2)
     keys = KeySpace(shared_coordinator.prefix, RedisSettings().partitions)
     client: Any = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
@@ -332,13 +340,44 @@ async def test_an_unreadable_status_or_branch_record_is_shown_raw_not_a_500(
     assert status == 200, reply
     assert gids[1] in [t["gid"] for t in reply["transactions"]]  # its hash reads fine
     # The admin page shows it as stored too, with what may hold credentials hidden.
+    await _unreadable_pages(shared_coordinator, gids)  # options: branch_headers live there
+
+
+async def _unreadable_pages(coordinator: CoordinatorProcess, gids: list[str]) -> list[str]:
+    """The admin pages of unreadable records: shown as stored, what may hold credentials
+    hidden."""
+    pages = []
     async with aiohttp.ClientSession() as http:
         for g in gids:
-            async with http.get(f"{shared_coordinator.base}/admin/transactions/{g}") as r:
+            async with http.get(f"{coordinator.base}/admin/transactions/{g}") as r:
                 page = await r.text()
                 assert r.status == 200, page
                 assert "cannot be read" in page
-                assert "(hidden)" in page  # options: branch_headers live there
+                assert "(hidden)" in page
+                pages.append(page)
+    return pages
+
+
+async def test_an_unreadable_record_never_shows_its_branch_headers(
+    api: Api, shared_coordinator: CoordinatorProcess, redis_url: str, participant: Participant
+) -> None:
+    """branch_headers are kept in the spec with the rest of what the client sent; the
+    admin page of an unreadable record shows the spec with options and ext hidden, and
+    a spec it cannot read not at all."""
+    secret = "Bearer not-for-the-page-" + gid()
+    gids = await _prepared_msgs(api, participant, 2, branch_headers={"Authorization": secret})
+    keys = KeySpace(shared_coordinator.prefix, RedisSettings().partitions)
+    client: Any = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await client.hset(keys.for_gid(gids[0]).trans, "status", "bogus")
+        spec = await client.hget(keys.for_gid(gids[1]).trans, "spec")
+        assert secret in spec
+        await client.hset(keys.for_gid(gids[1]).trans, "spec", spec[:-1])  # cut short
+    finally:
+        await client.aclose()
+    readable_spec, cut_spec = await _unreadable_pages(shared_coordinator, gids)
+    assert "not-for-the-page" not in readable_spec + cut_spec
+    assert participant.url("a") in readable_spec  # the rest of the spec is shown
 
 
 async def test_branch_calls_do_not_follow_redirects(api: Api) -> None:

@@ -182,10 +182,10 @@ async def test_one_submit_one_trace(
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
         keys = KeySpace(prefix, RedisSettings().partitions)
-        ext = await client.hget(keys.for_gid(gid).trans, "ext")
+        spec = await client.hget(keys.for_gid(gid).trans, "spec")
     finally:
         await client.aclose()
-    assert TRACE_ID in json.loads(ext or "{}")["headers"]["traceparent"]
+    assert TRACE_ID in json.loads(spec or "{}")["ext"]["headers"]["traceparent"]
 
 
 async def test_grpc_branches_get_the_traceparent_as_metadata(

@@ -13,16 +13,18 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, Protocol
 
 import fakeredis
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from fakeredis import aioredis as fake_aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from coordinator.errors import NotFound, PartitionMismatch
+from coordinator.errors import LayoutTooNew, NotFound, PartitionMismatch
 from coordinator.keys import (
     FINISHED_BAND,
     KeySpace,
@@ -32,14 +34,17 @@ from coordinator.keys import (
     partition_of,
     tag,
 )
-from coordinator.model import Status
+from coordinator.model import Branch, BranchStatus, Op, Status, record_of
 from coordinator.store.base import ListFilter, Transition
 from coordinator.store.cluster import parse_seeds
+from coordinator.store.codec import options_to_json
 from coordinator.store.redis_store import RedisStore
 from coordinator.store.scripts import SCRIPT_NAMES, script_text
 from tests.cluster_support import RedisClusterProcess
 from tests.store_contract import *  # noqa: F403
 from tests.store_contract import SUBMITTED, in_partition, list_all, make_trans
+
+PREPARED = frozenset({Status.PREPARED})
 
 PARTITIONS = 4
 
@@ -171,7 +176,11 @@ async def test_stored_keys_follow_the_keyspace(rstore: RedisStore) -> None:
     assert all(tag(2) in name for name in names)
     assert len({key_slot(n.encode()) for n in names}) == 1
     assert await rstore.client.hget(keys.trans, "gid") == gid
-    assert await rstore.client.hexists(keys.trans, "branch:01:action")
+    # The branches' layout is in the spec; a branch gets a field when its status changes.
+    spec = orjson.loads(await field(rstore.client, keys.trans, "spec"))
+    assert [(b["branch_id"], b["op"]) for b in spec["branches"]][:2] == [
+        ("01", "compensate"), ("01", "action")]
+    assert not await rstore.client.hexists(keys.trans, "branch:01:action")
     assert await rstore.client.zscore(ks.bucket(2, label), member) == 0
     assert await rstore.client.zscore(ks.minutes(2), label) == member_minute(member)
     # Finished: it left the due index, which holds the bucket's next sweep in its band.
@@ -203,13 +212,44 @@ async def test_a_create_takes_the_bucket_of_the_servers_minute(rstore: RedisStor
 # -- upgrade from earlier layouts ------------------------------------------------------------
 
 
+async def _to_layout_4_hash(store: RedisStore, gid: str) -> None:
+    """Rewrites a stored transaction's hash as layouts 2 to 4 kept it: a field per value
+    (JSON ones as text) and a whole record per branch, in place of the spec and the
+    branches' state records."""
+    c: Any = store.client  # decodes responses
+    keys = store.keys.for_gid(gid)
+    trans = await store.load(gid)
+    assert trans is not None
+    fields = {
+        "trans_type": trans.trans_type, "protocol": trans.protocol,
+        "options": options_to_json(trans.options),
+        "next_cron_interval": str(trans.next_cron_interval),
+        "steps": orjson.dumps(trans.steps).decode(),
+        "payloads": orjson.dumps(trans.payloads).decode(),
+        "update_time": str(trans.update_time),
+    }
+    if trans.fingerprint:
+        fields["fingerprint"] = trans.fingerprint
+    for b in trans.branches:
+        record: dict[str, Any] = {"branch_id": b.branch_id, "op": b.op, "url": b.url,
+                                  "status": b.status, "seq": b.seq,
+                                  "create_time": str(b.create_time),
+                                  "update_time": str(b.update_time)}
+        if b.finish_time:
+            record["finish_time"] = str(b.finish_time)
+        fields[f"branch:{b.key}"] = orjson.dumps(record).decode()
+    await c.hdel(keys.trans, "spec")
+    await c.hset(keys.trans, mapping=fields)
+
+
 async def _to_layout_3(store: RedisStore, gid: str) -> str:
-    """Rewrites a stored transaction's index entries as layout 3 kept them: its listing
-    entry in the partition's one listing index, and when finished a due entry in the
-    band, scored by when its hash expires; returns its listing member."""
+    """Rewrites a stored transaction as layout 3 kept it: its hash as layout 4's, its
+    listing entry in the partition's one listing index, and when finished a due entry in
+    the band, scored by when its hash expires; returns its listing member."""
     c: Any = store.client  # decodes responses
     ks = store.keys
     keys, p = ks.for_gid(gid), ks.partition(gid)
+    await _to_layout_4_hash(store, gid)
     member = await field(c, keys.trans, "created_member")
     await c.zadd(ks.legacy_created(p), {member: 0})
     for label in await c.zrange(ks.minutes(p), 0, -1):
@@ -254,7 +294,7 @@ async def test_start_brings_layout_1_data_to_this_layout(
 ) -> None:
     first = await store_factory(finished_ttl_s=3_600)
     c, ks = first.client, first.keys
-    assert await c.get(ks.kv("layout")) == "4"
+    assert await c.get(ks.kv("layout")) == "5"
     running, finished, orphan = "{1}old-running", "{2}old-finished", "{3}old-orphan"
     await first.create(make_trans(running), due_in_ms=0)
     await first.create(make_trans(finished), due_in_ms=60_000)
@@ -277,7 +317,7 @@ async def test_start_brings_layout_1_data_to_this_layout(
     assert "renamed 1 due entries and moved 1 expiry entries" in caplog.text
     assert "moved 2 listing entries" in caplog.text
     assert "dropped 0 due entries" in caplog.text
-    assert await c.get(ks.kv("layout")) == "4"
+    assert await c.get(ks.kv("layout")) == "5"
     assert not await c.exists(ks.legacy_expiry(2))
     assert [k async for k in c.scan_iter(match=ks.legacy_branches_pattern())] == []
     for gid, old in records.items():
@@ -322,7 +362,7 @@ async def test_start_brings_layout_2_due_entries_to_this_layout(
     await c.zadd(keys.due, {gid: score or 0})
     await c.set(ks.kv("layout"), "2")
     second = await store_factory()
-    assert await c.get(ks.kv("layout")) == "4"
+    assert await c.get(ks.kv("layout")) == "5"
     assert await c.zscore(keys.due, member) == score
     assert await c.zscore(keys.due, gid) is None
     assert await _listed(second, member)
@@ -353,7 +393,7 @@ async def test_start_splits_layout_3_listing_into_buckets(
         second = await store_factory(finished_ttl_s=3_600)
     assert "moved 3 listing entries" in caplog.text
     assert "dropped 1 due entries of finished transactions" in caplog.text
-    assert await c.get(ks.kv("layout")) == "4"
+    assert await c.get(ks.kv("layout")) == "5"
     assert not await c.exists(ks.legacy_created(1))
     for member in (members[0], members[1], old):
         assert await _listed(second, member)
@@ -426,9 +466,9 @@ async def test_finished_keys_share_one_ttl(store_factory: RedisStoreFactory) -> 
     await store.transition("ttl-1", Transition(frozenset({Status.ABORTING}), Status.FAILED))
     trans_ms = await c.pttl(keys.trans)
     assert 3_600_000 - 2_000 < trans_ms <= 3_600_000
-    # The lease fields are emptied, not deleted; they read as absent.
-    assert await c.hmget(keys.trans, "owner", "lease_until", "next_cron_time", "poke") == [
-        "", "", "", ""]
+    # The owner is emptied, not deleted (it reads as absent); the finishing write leaves
+    # the other lease fields and the schedule, which nothing reads any more.
+    assert await c.hget(keys.trans, "owner") == ""
     loaded = await store.load("ttl-1")
     assert loaded is not None
     assert (loaded.owner, loaded.next_cron_time) == ("", 0)
@@ -557,14 +597,14 @@ async def test_only_a_create_that_registered_vouches_for_its_bucket(rstore: Redi
     await rstore.create(make_trans(gid), due_in_ms=60_000)  # registers its bucket
     rstore._listed_until = 0.0  # forget, as every few seconds
     keys, args = rstore.create_call(make_trans("{2}next"), due_in_ms=0)
-    assert args[8:10] == [minute_label(args[7]), minute_label(args[7] + 1)]
+    assert args[7:9] == [minute_label(args[6]), minute_label(args[6] + 1)]
     # A reply to a create sent before the labels were forgotten registered nothing.
-    rstore.created("{2}next", ["OK", str(args[7] * 60_000 + 5), ""])
-    assert rstore.create_call(make_trans("{2}next"), due_in_ms=0)[1][8] != ""
-    rstore.created("{2}next", ["OK", str(args[7] * 60_000 + 5), "1"])
-    assert rstore.create_call(make_trans("{2}next"), due_in_ms=0)[1][8] == ""
-    assert keys[2:] == [rstore.keys.bucket(2, minute_label(args[7])),
-                        rstore.keys.bucket(2, minute_label(args[7] + 1)),
+    rstore.created("{2}next", ["OK", str(args[6] * 60_000 + 5), ""])
+    assert rstore.create_call(make_trans("{2}next"), due_in_ms=0)[1][7] != ""
+    rstore.created("{2}next", ["OK", str(args[6] * 60_000 + 5), "1"])
+    assert rstore.create_call(make_trans("{2}next"), due_in_ms=0)[1][7] == ""
+    assert keys[2:] == [rstore.keys.bucket(2, minute_label(args[6])),
+                        rstore.keys.bucket(2, minute_label(args[6] + 1)),
                         rstore.keys.minutes(2)]
 
 
@@ -737,3 +777,118 @@ async def test_a_start_with_another_partition_count_is_refused(
     with pytest.raises(PartitionMismatch, match=r"redis\.partitions = 16"):
         await other.start()
     await other.close()
+
+
+# -- layout 5: the spec and the branches' state records ---------------------------------------
+
+
+async def test_a_branch_of_the_spec_keeps_only_its_state(rstore: RedisStore) -> None:
+    """A create stores the branches in the spec; a change stores the branch's state
+    under its own field and leaves the rest where it is."""
+    gid = "{4}spec-branch"
+    c, keys = rstore.client, rstore.keys.for_gid(gid)
+    await rstore.create(make_trans(gid), due_in_ms=60_000)
+    fields = await c.hgetall(keys.trans)
+    assert not [name for name in fields if name.startswith("branch:")]
+    assert "update_time" not in fields  # reads as create_time
+    loaded = await rstore.load(gid)
+    assert loaded is not None
+    assert loaded.update_time == loaded.create_time > 0
+    assert all(b.in_spec for b in loaded.branches)
+    action = loaded.branches[1]
+    assert (action.key, action.seq, action.create_time) == ("01:action", 2, loaded.create_time)
+    result = await rstore.transition(gid, Transition(
+        SUBMITTED, branch_updates={action.key: BranchStatus.SUCCEED},
+        records={action.key: action}))
+    state = orjson.loads(await field(c, keys.trans, "branch:01:action"))
+    now = str(result.now)
+    assert state == {"status": "succeed", "update_time": now, "finish_time": now}
+    after = await rstore.load(gid)
+    assert after is not None
+    changed = after.branches[1]
+    assert (changed.url, changed.status, changed.seq) == (action.url, BranchStatus.SUCCEED, 2)
+    assert (changed.update_time, changed.finish_time) == (result.now, result.now)
+    assert after.branches[0] == loaded.branches[0]  # the others are as created
+
+
+async def test_a_wrong_hint_of_where_a_branch_is_costs_time_not_data(
+    rstore: RedisStore,
+) -> None:
+    """What is stored decides how a branch result is written: a registered branch's
+    record of its own keeps its URL whatever the caller's copy says, and a branch of the
+    spec gets a state record even when the caller sends a whole record."""
+    tcc, saga = "{5}registered", "{5}in-spec"
+    c = rstore.client
+    await rstore.create(make_trans(tcc, Status.PREPARED, trans_type="tcc"), due_in_ms=60_000)
+    registered = [Branch("01", Op.CANCEL, "http://svc/cancel"),
+                  Branch("01", Op.CONFIRM, "http://svc/confirm")]
+    await rstore.register_branches(tcc, registered, expected=PREPARED, unique=False)
+    loaded = await rstore.load(tcc)
+    assert loaded is not None
+    confirm = loaded.branches[1]
+    assert confirm.key == "01:confirm"
+    assert not confirm.in_spec
+    # Told it is a branch of the spec (no record sent), and with no copy at all.
+    wrong = record_of(Branch, {**vars(confirm), "in_spec": True})
+    await rstore.transition(tcc, Transition(
+        PREPARED, branch_updates={"01:confirm": BranchStatus.SUCCEED},
+        records={"01:confirm": wrong}))
+    await rstore.transition(tcc, Transition(
+        PREPARED, branch_updates={"01:cancel": BranchStatus.FAILED}))
+    after = await rstore.load(tcc)
+    assert after is not None
+    assert [(b.key, b.url, b.status) for b in after.branches] == [
+        ("01:cancel", "http://svc/cancel", BranchStatus.FAILED),
+        ("01:confirm", "http://svc/confirm", BranchStatus.SUCCEED)]
+
+    await rstore.create(make_trans(saga), due_in_ms=60_000)
+    loaded = await rstore.load(saga)
+    assert loaded is not None
+    action = loaded.branches[1]
+    whole = record_of(Branch, {**vars(action), "in_spec": False})
+    result = await rstore.transition(saga, Transition(
+        SUBMITTED, branch_updates={action.key: BranchStatus.SUCCEED}, records={action.key: whole}))
+    state = orjson.loads(await field(c, rstore.keys.for_gid(saga).trans, "branch:01:action"))
+    assert state == {"status": "succeed", "update_time": str(result.now),
+                     "finish_time": str(result.now)}
+
+
+async def test_a_layout_4_record_is_read_and_driven_as_it_is(rstore: RedisStore) -> None:
+    """No data moves from layout 4 to 5: a transaction stored a field per value, with a
+    whole record per branch, is claimed, changed, finished, listed and swept as before."""
+    gid = "{6}stored-by-layout-4"
+    c, keys = rstore.client, rstore.keys.for_gid(gid)
+    await rstore.create(make_trans(gid), due_in_ms=0)
+    created = await rstore.load(gid)
+    assert created is not None
+    await _to_layout_4_hash(rstore, gid)
+    assert not await c.hexists(keys.trans, "spec")
+    [item] = await rstore.claim(rstore.keys.partition(gid), 10, "w")
+    assert item.trans == replace(created, owner=item.token)
+    assert not any(b.in_spec for b in item.trans.branches)
+    action = item.trans.branches[1]
+    await rstore.transition(gid, Transition(
+        SUBMITTED, Status.SUCCEED, owner=item.token, lease="release",
+        branch_updates={action.key: BranchStatus.SUCCEED}, records={action.key: action}))
+    record = orjson.loads(await field(c, keys.trans, "branch:01:action"))
+    assert (record["url"], record["status"], record["seq"]) == (action.url, "succeed", 2)
+    done = await rstore.load(gid)
+    assert done is not None
+    assert (done.status, done.steps, done.branches[1].status) == (
+        Status.SUCCEED, created.steps, BranchStatus.SUCCEED)
+    assert gid in [t.gid for t in await list_all(rstore, 10, ListFilter(trans_type="saga"))]
+
+
+async def test_a_start_on_a_newer_layout_is_refused(redis_url: str, prefix: str) -> None:
+    """Data of a later version's layout would be misread; the start stops, naming it,
+    and leaves the marker as it found it."""
+    first = RedisStore.from_url(redis_url, KeySpace(prefix, 16))
+    await first.start()
+    marker = first.keys.kv("layout")
+    await first.client.set(marker, "6")
+    await first.close()
+    later = RedisStore.from_url(redis_url, KeySpace(prefix, 16))
+    with pytest.raises(LayoutTooNew, match=r"key layout '6'"):
+        await later.start()
+    assert await later.client.get(marker) == "6"
+    await later.close()

@@ -23,6 +23,7 @@ from coordinator.admin import session
 from coordinator.api.auth import token_matches
 from coordinator.api.routes import SERVICE, SETTINGS, STORE
 from coordinator.errors import BadRequest, NotFound, TransactionFailure
+from coordinator.keys import SPEC_FIELD
 from coordinator.model import Status, Trans
 from coordinator.requests import GidRequest
 from coordinator.store.base import ListFilter
@@ -195,15 +196,35 @@ def _timeline(trans: Trans) -> list[tuple[int, str]]:
     return sorted(e for e in events if e[0])
 
 
+def _shown(name: str, value: str) -> str:
+    """A stored field of an unreadable record as the page may show it: options and ext
+    may hold branch_headers (credentials), on their own (layout 4) or in the spec."""
+    if name in ("options", "ext"):
+        return HIDDEN
+    if name != SPEC_FIELD:
+        return value
+    try:
+        spec = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return HIDDEN  # what it holds cannot be told apart
+    if not isinstance(spec, dict):
+        return HIDDEN
+    for secret in ("options", "ext"):
+        if secret in spec:
+            spec[secret] = HIDDEN
+    return orjson.dumps(spec).decode()
+
+
+HIDDEN = "(hidden)"
+
+
 async def transaction(request: web.Request) -> web.StreamResponse:
     gid = request.match_info["gid"]
     try:
         trans = await request.app[STORE].load(gid)
     except CorruptRecord as exc:
         # Shown as stored (as `query` does), not a 500: an operator came to look at it.
-        # options and ext may hold branch_headers (credentials): never shown.
-        fields = sorted((k, "(hidden)" if k in ("options", "ext") else v[:PREVIEW_CHARS])
-                        for k, v in exc.fields.items())
+        fields = sorted((k, _shown(k, v)[:PREVIEW_CHARS]) for k, v in exc.fields.items())
         return render(request, "corrupt.html", status=200, gid=gid, reason=str(exc),
                       fields=fields)
     if trans is None:

@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
+from coordinator.keys import SPEC_FIELD
 from coordinator.model import Branch, Trans
 from coordinator.requests import WorkflowState
 from coordinator.store.base import Page
@@ -69,14 +72,26 @@ def trans_json(t: Trans) -> dict[str, Any]:
 
 def raw_trans_json(fields: Mapping[str, str]) -> dict[str, Any]:
     """A record the codec could not read, shown as stored: what a read can still say."""
+    created = _whole(fields.get("create_time"))
     out: dict[str, Any] = {
-        "create_time": rfc3339(_whole(fields.get("create_time"))),
-        "update_time": rfc3339(_whole(fields.get("update_time"))),
+        "create_time": rfc3339(created),
+        "update_time": rfc3339(_whole(fields.get("update_time")) or created),
     }
+    spec = _readable_spec(fields.get(SPEC_FIELD))
     for name in ("gid", "trans_type", "status", "protocol", "custom_data", "rollback_reason"):
-        _put(out, name, fields.get(name, ""))
+        value = fields.get(name) or spec.get(name, "")
+        _put(out, name, value if isinstance(value, str) else "")
     out["concurrent"] = False
     return out
+
+
+def _readable_spec(raw: str | None) -> dict[str, Any]:
+    """The spec's values, if it is what cannot be read, none."""
+    try:
+        spec = orjson.loads(raw or "{}")
+    except orjson.JSONDecodeError:
+        return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 def _whole(value: str | None) -> int:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import orjson
 
-from coordinator.keys import BRANCH_FIELD
-from coordinator.model import Branch, BranchStatus, Op, Options, Status, Trans, record_of
+from coordinator.keys import BRANCH_FIELD, SPEC_FIELD
+from coordinator.model import (
+    FINISHED,
+    Branch,
+    BranchStatus,
+    Op,
+    Options,
+    Status,
+    Trans,
+    record_of,
+)
 
 
 def _text(value: bytes | str) -> str:
@@ -34,6 +43,11 @@ def split_hash(
 def options_to_json(options: Options, *, wait_result: bool = True) -> str:
     """The stored options: only those set. wait_result=False leaves that one out (the
     fingerprint's view) without copying the record to clear it."""
+    return orjson.dumps(options_dict(options, wait_result=wait_result)).decode()
+
+
+def options_dict(options: Options, *, wait_result: bool = True) -> dict[str, Any]:
+    """The options that are set, as `options_to_json` writes them."""
     data: dict[str, Any] = {}
     if wait_result and options.wait_result:
         data["wait_result"] = options.wait_result
@@ -44,7 +58,7 @@ def options_to_json(options: Options, *, wait_result: bool = True) -> str:
             data[name] = value
     if options.branch_headers:
         data["branch_headers"] = options.branch_headers
-    return orjson.dumps(data).decode()
+    return data
 
 
 def _loads(raw: str | None, kind: type[Any]) -> Any:
@@ -67,21 +81,31 @@ def options_from_json(raw: str) -> Options:
     """Options of a stored transaction. Most transactions store one of a few spellings
     ("{}", '{"wait_result":true}'), so decoded ones are kept by their text and shared:
     Options are frozen, and nothing changes their headers in place."""
-    found = _options_seen.get(raw)
+    return _shared(raw, _options_from_json, raw)
+
+
+def _shared(key: Hashable, make: Callable[[_A], Options], arg: _A) -> Options:
+    """The Options kept for `key`, made by make(arg) the first time."""
+    found = _options_seen.get(key)
     if found is None:
-        found = _options_from_json(raw)
+        found = make(arg)
         if len(_options_seen) >= _OPTIONS_KEPT:
             _options_seen.clear()
-        _options_seen[raw] = found
+        _options_seen[key] = found
     return found
 
 
-_options_seen: dict[str, Options] = {}
+# Keyed by stored text (layout 4) or by the spec's items: the two never collide.
+_options_seen: dict[Hashable, Options] = {}
 _OPTIONS_KEPT = 256
+_A = TypeVar("_A")
 
 
 def _options_from_json(raw: str) -> Options:
-    data = _loads(raw, dict)
+    return _options_from_dict(_loads(raw, dict))
+
+
+def _options_from_dict(data: dict[str, Any]) -> Options:
     return Options(
         wait_result=bool(data.get("wait_result", False)),
         timeout_to_fail=_int(data.get("timeout_to_fail")),
@@ -93,25 +117,45 @@ def _options_from_json(raw: str) -> Options:
     )
 
 
-def trans_field_pairs(trans: Trans) -> list[str]:
+def trans_field_pairs(trans: Trans) -> list[str | bytes]:
     """The hash fields `create` stores besides gid, status and the times it sets itself,
-    as the flat name, value, name, value list of create.lua's ARGV."""
-    out = [
-        "trans_type", trans.trans_type,
-        "protocol", trans.protocol,
-        "options", options_to_json(trans.options),
-        "next_cron_interval", str(trans.next_cron_interval),
-    ]
+    as the flat name, value, name, value list of create.lua's ARGV: the spec (the
+    transaction as sent, branches included, in one JSON object; see keys.SPEC_FIELD),
+    and the fields a later write may change, when a create already sets them."""
+    spec: dict[str, Any] = {"trans_type": trans.trans_type, "protocol": trans.protocol}
+    options = options_dict(trans.options)
+    if options:
+        spec["options"] = options
+    if trans.next_cron_interval:
+        spec["next_cron_interval"] = trans.next_cron_interval
     if trans.steps:
-        out += ("steps", orjson.dumps(trans.steps).decode())
+        spec["steps"] = trans.steps
     if trans.payloads:
-        out += ("payloads", orjson.dumps(trans.payloads).decode())
-    for name in ("custom_data", "query_prepared", "rollback_reason", "result", "fingerprint"):
+        spec["payloads"] = trans.payloads
+    for name in ("custom_data", "query_prepared", "fingerprint"):
+        value = getattr(trans, name)
+        if value:
+            spec[name] = value
+    if trans.ext_headers:
+        spec["ext"] = {"headers": trans.ext_headers}
+    if trans.branches:
+        spec["branches"] = [_spec_branch(b) for b in trans.branches]
+    # Bytes: the command packer takes them as they are.
+    out: list[str | bytes] = [SPEC_FIELD, orjson.dumps(spec)]
+    for name in ("rollback_reason", "result"):
         value = getattr(trans, name)
         if value:
             out += (name, value)
-    if trans.ext_headers:
-        out += ("ext", orjson.dumps({"headers": trans.ext_headers}).decode())
+    return out
+
+
+def _spec_branch(branch: Branch) -> dict[str, Any]:
+    # A branch's place in the spec is its seq, and its creation time the transaction's.
+    out: dict[str, Any] = {"branch_id": branch.branch_id, "op": branch.op, "url": branch.url}
+    if branch.status is not BranchStatus.PREPARED:
+        out["status"] = branch.status
+    if branch.data:
+        out["data"] = branch.data
     return out
 
 
@@ -139,32 +183,16 @@ def branches_json(branches: Sequence[Branch]) -> str:
     return orjson.dumps([branch_to_json(b) for b in branches]).decode()
 
 
-def branch_records(branches: Sequence[Branch]) -> list[str | bytes]:
-    """The branch pairs of create.lua's ARGV: per branch, its field name and its JSON
-    record cut off where the creation time goes.
-
-    The script appends the time it reads from Redis to each, instead of decoding and
-    re-encoding every record: that JSON work was about half of create's time in Redis.
-    The records stay bytes: the command packer takes them as they are.
-    """
-    out: list[str | bytes] = []
-    for seq, branch in enumerate(branches, 1):
-        record = branch_to_json(branch)
-        record["seq"] = seq
-        record["create_time"] = ""
-        out.append(BRANCH_FIELD + branch.key)
-        out.append(orjson.dumps(record)[:-2])  # ends in "create_time":"
-    return out
-
-
 def branch_update_args(
     updates: Mapping[str, BranchStatus], records: Mapping[str, Branch]
 ) -> list[str | bytes]:
     """The branch triples of transition.lua's ARGV: per result, its field name, its new
-    status and its record cut off where the update time goes, or "" when the caller's
-    copy cannot reproduce the stored record (the script then edits the stored one).
+    status and, for a branch with a record of its own, that record cut off where the
+    update time goes; "" for a branch of the spec (the script stores only its state) or
+    when the caller's copy cannot reproduce the stored record (the script then edits the
+    stored one).
 
-    The record is the one create or register stored (see `branch_records`) with the new
+    The record is the one register stored (or an older layout's create) with the new
     status; the script appends update_time, and finish_time unless still prepared.
     """
     out: list[str | bytes] = []
@@ -176,7 +204,7 @@ def branch_update_args(
 def _record_head(branch: Branch | None, status: BranchStatus) -> str | bytes:
     # A copy without its seq or creation time (never read back) cannot say what is
     # stored, nor can one that stays prepared with a finish time the script would drop.
-    if branch is None or not branch.seq or not branch.create_time or (
+    if branch is None or branch.in_spec or not branch.seq or not branch.create_time or (
         status is BranchStatus.PREPARED and branch.finish_time
     ):
         return ""
@@ -234,6 +262,7 @@ def branch_from_json(raw: str) -> Branch:
         "update_time": _int(data.get("update_time")),
         "finish_time": _int(data.get("finish_time")),
         "wire_op": "",
+        "in_spec": False,
     })
 
 
@@ -256,29 +285,36 @@ def trans_from_pairs(flat: Sequence[bytes | str]) -> Trans:
     if flat and not isinstance(flat[0], str):
         texts = [_text(x) for x in flat]
     fields: dict[str, str] = {}
-    branches: list[str] = []
+    branches: dict[str, str] = {}
+    cut = len(BRANCH_FIELD)
     # One iterator zipped with itself pairs names with values without copying the
     # reply twice into slices (a claim decodes dozens of these); strict still refuses
     # an odd count.
     items = iter(texts)
     for name, value in zip(items, items, strict=True):
         if name.startswith(BRANCH_FIELD):
-            branches.append(value)
+            branches[name[cut:]] = value
         else:
             fields[name] = value
-    return _checked(fields, branches)
+    return _checked(fields, branches, True)
 
 
-def trans_from_hash(fields: Mapping[str, str], branch_fields: Mapping[str, str]) -> Trans:
+def trans_from_hash(
+    fields: Mapping[str, str], branch_fields: Mapping[str, str], *, with_branches: bool = True
+) -> Trans:
     """Raises CorruptRecord for a record whose status or branches cannot be read; the
     other fields fall back to their empty values. A field set to "" reads as absent
-    (a finished transaction keeps its lease fields empty rather than deleted)."""
-    return _checked(fields, branch_fields.values())
+    (an ended lease leaves its fields empty rather than deleted). `branch_fields` are
+    keyed "<branch_id>:<op>" (see `split_hash`); with_branches=False leaves the
+    branches out (a listing shows none)."""
+    return _checked(fields, branch_fields, with_branches)
 
 
-def _checked(fields: Mapping[str, str], branch_records: Iterable[str]) -> Trans:
+def _checked(
+    fields: Mapping[str, str], branch_fields: Mapping[str, str], with_branches: bool
+) -> Trans:
     try:
-        return _trans_from_hash(fields, branch_records)
+        return _trans_from_hash(fields, branch_fields, with_branches)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptRecord(fields, f"{type(exc).__name__}: {exc}"[:200]) from exc
 
@@ -287,31 +323,124 @@ def _seq(branch: Branch) -> int:
     return branch.seq
 
 
-def _trans_from_hash(fields: Mapping[str, str], branch_records: Iterable[str]) -> Trans:
-    branches = sorted(map(branch_from_json, branch_records), key=_seq)
+def _spec_of(fields: Mapping[str, str]) -> dict[str, Any] | None:
+    """The decoded spec, or None for a record of layout 4 (a field per value). A spec
+    that cannot be read makes the record unreadable: it holds the branches."""
+    raw = fields.get(SPEC_FIELD)
+    if raw is None:
+        return None
+    spec = orjson.loads(raw)
+    if not isinstance(spec, dict):
+        raise ValueError(f"spec is a {type(spec).__name__}, not an object")
+    return spec
+
+
+def _branches(
+    spec: dict[str, Any] | None, created: int, records: Mapping[str, str]
+) -> tuple[Branch, ...]:
+    """The branches of the spec, in its order, each with the state its field holds, if
+    any; then the branches with records of their own (registered at run time, or any of
+    a record of layout 4), by seq. A record of its own under a spec branch's name takes
+    its place; a state record that names no branch of the spec is no branch."""
+    out: list[Branch] = []
+    placed: set[str] = set()
+    for seq, item in enumerate((spec or {}).get("branches") or (), 1):
+        op = _member(_OPS, Op, item["op"])
+        key = f"{item['branch_id']}:{op}"
+        placed.add(key)
+        raw = records.get(key)
+        if raw is not None and '"branch_id"' in raw:
+            out.append(branch_from_json(raw))
+            continue
+        state = orjson.loads(raw) if raw is not None else _NO_STATE
+        out.append(record_of(Branch, {
+            "branch_id": item["branch_id"],
+            "op": op,
+            "url": item.get("url", ""),
+            "status": _member(_BRANCH_STATUSES, BranchStatus,
+                              state.get("status") or item.get("status", "prepared")),
+            "data": item.get("data", ""),
+            "seq": seq,
+            "create_time": created,
+            "update_time": _int(state.get("update_time")) or created,
+            "finish_time": _int(state.get("finish_time")),
+            "wire_op": "",
+            "in_spec": True,
+        }))
+    own = [branch_from_json(raw) for key, raw in records.items()
+           if key not in placed and '"branch_id"' in raw]
+    if own:
+        out += sorted(own, key=_seq)
+    return tuple(out)
+
+
+_NO_STATE: dict[str, Any] = {}
+
+
+def _trans_from_hash(
+    fields: Mapping[str, str], branch_fields: Mapping[str, str], with_branches: bool
+) -> Trans:
     get = fields.get
-    ext = _loads(get("ext"), dict)
+    spec = _spec_of(fields)
+    if spec is not None:
+        static: Mapping[str, Any] = spec
+        steps = spec.get("steps") or ()
+        payloads = spec.get("payloads") or ()
+        options = _options_of(spec.get("options"))
+        ext = spec.get("ext") or {}
+        interval = spec.get("next_cron_interval")
+    else:  # layout 4: a field per value, JSON ones as text
+        static = fields
+        steps = _loads(get("steps"), list)
+        payloads = _loads(get("payloads"), list)
+        options = options_from_json(get("options", ""))
+        ext = _loads(get("ext"), dict)
+        interval = None
+    if "next_cron_interval" in fields:  # written by the engine: it wins over the spec's
+        interval = get("next_cron_interval")
+    created = _int(get("create_time"))
+    status = status_of(fields["status"])
     return record_of(Trans, {
         "gid": fields["gid"],
-        "trans_type": get("trans_type", ""),
-        "status": status_of(fields["status"]),
-        "steps": tuple(_loads(get("steps"), list)),
-        "payloads": tuple(_loads(get("payloads"), list)),
-        "branches": tuple(branches),
-        "custom_data": get("custom_data", ""),
-        "query_prepared": get("query_prepared", ""),
-        "protocol": get("protocol", "http"),
+        "trans_type": static.get("trans_type", ""),
+        "status": status,
+        "steps": tuple(steps),
+        "payloads": tuple(payloads),
+        "branches": _branches(spec, created, branch_fields) if with_branches else (),
+        "custom_data": static.get("custom_data", ""),
+        "query_prepared": static.get("query_prepared", ""),
+        "protocol": static.get("protocol", "http"),
         "rollback_reason": get("rollback_reason", ""),
         "result": get("result", ""),
-        "options": options_from_json(get("options", "")),
-        "ext_headers": _str_map(ext.get("headers")),
-        "create_time": _int(get("create_time")),
-        "update_time": _int(get("update_time")),
+        "options": options,
+        "ext_headers": _str_map(ext.get("headers") if isinstance(ext, dict) else None),
+        "create_time": created,
+        # A create leaves update_time out: it is create_time until a write sets it.
+        "update_time": _int(get("update_time")) or created,
         "finish_time": _int(get("finish_time")),
         "rollback_time": _int(get("rollback_time")),
-        "next_cron_interval": _int(get("next_cron_interval")),
-        "next_cron_time": _int(get("next_cron_time")),
+        "next_cron_interval": _int(interval),
+        # The finishing write leaves the last schedule in place; a finished one has none.
+        "next_cron_time": 0 if status in FINISHED else _int(get("next_cron_time")),
         "retry_count": _int(get("retry_count")),
         "owner": get("owner", ""),
-        "fingerprint": get("fingerprint", ""),
+        "fingerprint": static.get("fingerprint", ""),
     })
+
+
+def _options_of(data: Any) -> Options:
+    """Options from the spec's object. The usual few ({}, wait_result alone) are made
+    once and shared, as `options_from_json` shares them by their text."""
+    if not data or not isinstance(data, dict):
+        return _NO_OPTIONS
+    if "branch_headers" in data:
+        return _options_from_dict(data)
+    key = tuple(data.items())
+    try:
+        hash(key)
+    except TypeError:  # a value that cannot be a key (a hand-edited record)
+        return _options_from_dict(data)
+    return _shared(key, _options_from_dict, data)
+
+
+_NO_OPTIONS = Options()

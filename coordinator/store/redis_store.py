@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coordinator.errors import (
     AlreadyExists,
+    LayoutTooNew,
     NotFound,
     PartitionMismatch,
     StoreUnavailable,
@@ -48,7 +49,6 @@ from coordinator.store.base import (
 from coordinator.store.batch import ACKED, READ, WRITE, ScriptBatcher
 from coordinator.store.codec import (
     CorruptRecord,
-    branch_records,
     branch_update_args,
     branches_json,
     flat_pairs,
@@ -78,13 +78,15 @@ RETRIED_ERRORS: tuple[type[RedisError], ...] = (RedisConnectionError, RedisTimeo
 RETRIES = 5  # waits of 0.05, 0.1, 0.2, 0.4, 0.5 s: about 1.3 s before giving up
 # Idle connections are pinged before use after this many seconds.
 HEALTH_CHECK_INTERVAL = 10
-# Layout 4 (keys.py): branch records are fields of the transaction hash; the due index,
-# named by listing members, holds unfinished transactions, and in its band the sweep's
-# schedule of the listing buckets, one sorted set per partition and minute. Layout 3
-# kept one listing index per partition and finished transactions in the band; layout 1
-# kept branches in a hash of their own, and 1 and 2 a separate index of finished
-# transactions.
-LAYOUT = "4"
+# Layout 5 (keys.py): a transaction hash holds the transaction as sent in one "spec"
+# field, branches included, and a field per branch only for its state once it changes;
+# the due index, named by listing members, holds unfinished transactions, and in its
+# band the sweep's schedule of the listing buckets, one sorted set per partition and
+# minute. Layout 4 kept a field per value and a whole record per branch (still read as
+# they are: no data moves from 4 to 5); layout 3 kept one listing index per partition
+# and finished transactions in the band; layout 1 kept branches in a hash of their own,
+# and 1 and 2 a separate index of finished transactions.
+LAYOUT = "5"
 
 # The listing buckets (keys.py). A create names the buckets of two minutes around this
 # host's estimate of the server's time (the script takes the server's own minute), so an
@@ -245,11 +247,20 @@ class RedisStore(Store):
         found = await self.client.get(marker)
         if found == LAYOUT:
             return
-        if found not in ("2", "3"):
+        if found is not None and (not found.isdigit() or int(found) > int(LAYOUT)):
+            # A newer version's data: this one would misread it (and must not mark it
+            # as its own layout).
+            raise LayoutTooNew(
+                f"the data under key prefix '{self.keys.prefix}' is in key layout "
+                f"{found!r}, which this version (layout {LAYOUT}) cannot read; run the "
+                f"version that wrote it, or a newer one"
+            )
+        if found not in ("2", "3", "4"):
             await self._move_branch_hashes()
-        if found != "3":
+        if found not in ("3", "4"):
             await self._fold_expiry_indexes()
-        await self._split_listing_indexes()
+        if found != "4":
+            await self._split_listing_indexes()
         await self.client.set(marker, LAYOUT)
 
     async def _move_branch_hashes(self) -> None:
@@ -351,7 +362,6 @@ class RedisStore(Store):
             gid,
             trans.status,  # a str: packed as its value (see codec.branch_to_json)
             len(fields) // 2,
-            len(trans.branches),
             max(0, due_in_ms),
             owner,
             lease_ms or self.lease_ms,
@@ -361,7 +371,6 @@ class RedisStore(Store):
             self._first_look_ms,
         ]
         args += fields
-        args += branch_records(trans.branches)
         keys = [self.keys.trans_prefix(p) + gid, self._due_keys[p], named[1], named[2], named[3]]
         return keys, args
 
@@ -639,13 +648,14 @@ class RedisStore(Store):
                         continue  # expired; the sweep drops the entry
                     if where.status and rec.get("status") != where.status:
                         continue
-                    if where.trans_type and rec.get("trans_type") != where.trans_type:
-                        continue
                     try:
                         # A page shows no branches: the branch fields are left unread.
-                        found.append(trans_from_hash(split_hash(rec)[0], {}))
+                        trans = trans_from_hash(split_hash(rec)[0], {}, with_branches=False)
                     except CorruptRecord:
                         continue  # unreadable: `query` shows its raw fields; a page must not fail
+                    if where.trans_type and trans.trans_type != where.trans_type:
+                        continue
+                    found.append(trans)
                     if len(found) == limit:
                         return Page(found, cursor)
                 upper = "(" + cursor
