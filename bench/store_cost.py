@@ -18,18 +18,27 @@ transaction held. To measure another revision's store, run this file with that
 revision's source tree first on PYTHONPATH:
 
     PYTHONPATH=/path/to/other/checkout python bench/store_cost.py
+
+Times vary with whatever else the machine runs. `--callgrind` runs the redis-server
+under valgrind's callgrind instead and counts the instructions it executes for the
+create and finish (no sweep): the same count for the same build and work, whatever
+else the machine is doing, so two stores compare on a noisy machine too (slowly: use
+a few thousand transactions).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -63,11 +72,15 @@ def _inner_usec(stats: dict[str, Any], n: int) -> dict[str, float]:
     return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
 
 
-async def measure(socket: str, transactions: int, lanes: int, sweep: bool) -> dict[str, Any]:
+async def measure(
+    socket: str, transactions: int, lanes: int, sweep: bool,
+    around: tuple[Callable[[], None], Callable[[], None]] | None = None, ttl_s: int = TTL_S,
+) -> dict[str, Any]:
+    """`around`: called just before the first create and just after the last finish."""
     # A key prefix of its own per round: a round's buckets are new, as a run's would be.
     run = uuid.uuid4().hex[:8]
     store = RedisStore.from_url(f"unix://{socket}", KeySpace(f"cost{run}", PARTITIONS),
-                                finished_ttl_s=TTL_S)
+                                finished_ttl_s=ttl_s)
     await store.start()
     try:
         steps = ({"action": "", "compensate": ""}, {"action": "", "compensate": ""})
@@ -90,7 +103,11 @@ async def measure(socket: str, transactions: int, lanes: int, sweep: bool) -> di
 
         n = per_lane * lanes
         await store.client.config_resetstat()
+        if around:
+            around[0]()
         await asyncio.gather(*(lane(k) for k in range(lanes)))
+        if around:
+            around[1]()
         stats = await store.client.info("commandstats")
         write = _command_usec(stats) / n
         scripts = int(stats["cmdstat_evalsha"]["usec"]) / n
@@ -101,7 +118,7 @@ async def measure(socket: str, transactions: int, lanes: int, sweep: bool) -> di
             return {"transactions": n, "create_finish_us": write, "script_us": scripts,
                     "script_calls": calls, "inside_scripts_us": inner, "sweep_us": 0.0,
                     "entries_swept": 0, "memory_bytes": memory}
-        await asyncio.sleep(TTL_S + 1.5)
+        await asyncio.sleep(ttl_s + 1.5)
         await store.client.config_resetstat()
         removed = 0
         for _ in range(MAX_SWEEP_PASSES):
@@ -126,16 +143,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-sweep", action="store_true",
                    help="measure the create and finish only (for script variants whose "
                         "listing the sweep cannot read)")
+    p.add_argument("--callgrind", action="store_true",
+                   help="count the instructions redis-server runs for the create and "
+                        "finish, under valgrind (implies --no-sweep)")
     args = p.parse_args(argv)
+    if args.callgrind and not shutil.which("valgrind"):
+        print("--callgrind needs valgrind (Debian package valgrind)", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as data:
         socket = os.path.join(data, "redis.sock")
-        server = subprocess.Popen(
-            ["redis-server", "--port", "0", "--unixsocket", socket, "--dir", data,
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-             "--auto-aof-rewrite-min-size", "64gb"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        profile = os.path.join(data, "callgrind.out")
+        command = ["redis-server", "--port", "0", "--unixsocket", socket, "--dir", data,
+                   "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                   "--auto-aof-rewrite-min-size", "64gb"]
+        if args.callgrind:
+            command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={profile}",
+                       *command]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        counter = _Instructions(server.pid, profile) if args.callgrind else None
         try:
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + (60 if args.callgrind else 10)
             while not os.path.exists(socket):
                 if time.monotonic() > deadline or server.poll() is not None:
                     print("redis-server did not start", file=sys.stderr)
@@ -143,6 +171,15 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.05)
             print(f"store of {os.path.dirname(coordinator.__file__)}")
             for _ in range(args.rounds):
+                if counter:
+                    # Kept an hour: no earlier round's expiry is counted in a later one.
+                    r = asyncio.run(measure(socket, args.transactions, args.at_once, False,
+                                            (counter.zero, counter.dump), ttl_s=3_600))
+                    print(f"{r['transactions']:,} sagas, {args.at_once} at once: create + "
+                          f"finish {counter.total / r['transactions']:,.0f} instructions "
+                          f"per saga in redis-server ({r['script_calls']:.2f} script calls "
+                          f"per saga)")
+                    continue
                 r = asyncio.run(measure(socket, args.transactions, args.at_once, not args.no_sweep))
                 inside = ", ".join(f"{k} {v:.2f}" for k, v in r["inside_scripts_us"].items())
                 print(f"{r['transactions']:,} sagas, {args.at_once} at once: create + finish "
@@ -155,6 +192,28 @@ def main(argv: list[str] | None = None) -> int:
             server.terminate()
             server.wait(timeout=10)
     return 0
+
+
+class _Instructions:
+    """Instructions counted by callgrind in the redis-server `pid` since `zero`, read
+    from the profile `dump` writes."""
+
+    def __init__(self, pid: int, profile: str) -> None:
+        self.pid, self.profile, self.total = pid, profile, 0
+
+    def zero(self) -> None:
+        subprocess.run(["callgrind_control", "-z", str(self.pid)], check=True,
+                       capture_output=True, timeout=60)
+
+    def dump(self) -> None:
+        subprocess.run(["callgrind_control", "-d", str(self.pid)], check=True,
+                       capture_output=True, timeout=60)
+        # Each dump is a file of its own, <profile>.<n>; its totals line counts all.
+        newest = max(glob.glob(self.profile + ".*"), key=os.path.getmtime)
+        with open(newest) as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    self.total = int(line.split()[1])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -243,3 +244,18 @@ def test_store_cost_reports_both_phases_and_sweeps_every_entry() -> None:
     assert line.startswith("320 sagas, 16 at once: create + finish "), line
     assert "the commands inside: hset" in line or ", hset" in line, line
     assert "(320 entries dropped)" in line, line
+
+
+def test_store_cost_counts_redis_instructions_under_callgrind() -> None:
+    """The instruction counts in bench/README.md come from this mode."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.store_cost", "--callgrind", "--transactions", "160"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.splitlines()[-1]
+    found = re.fullmatch(r"160 sagas, 16 at once: create \+ finish ([\d,]+) instructions "
+                         r"per saga in redis-server \(0\.\d+ script calls per saga\)", line)
+    assert found, line
+    # Tens of thousands of instructions per saga at least: the count is of real work.
+    assert 50_000 < int(found[1].replace(",", "")) < 5_000_000, line
