@@ -7,16 +7,18 @@ local function create_transaction(K, A)
   -- EXISTS first: for the usual new gid its integer reply costs Lua less than the
   -- array HMGET answers.
   if redis.call('EXISTS', K[1]) == 1 then
-    -- (fingerprint and trans_type are fields of their own in records of layout 4)
+    -- A field of its own wins over the spec's value: a submit after a prepare writes
+    -- its fingerprint so, and layout 4 kept every value so.
     local existing = redis.call('HMGET', K[1], 'status', 'spec', 'fingerprint', 'trans_type')
     if existing[1] then
       -- The stored content's fingerprint lets the caller tell a repeated request from a
       -- gid reused for other content; its type, a submit of another type from one that
       -- may move a prepared transaction on.
       local fingerprint, trans_type = existing[3], existing[4]
-      if existing[2] then
+      if existing[2] and not (fingerprint and trans_type) then
         local spec = cjson.decode(existing[2])
-        fingerprint, trans_type = spec['fingerprint'], spec['trans_type']
+        fingerprint = fingerprint or spec['fingerprint']
+        trans_type = trans_type or spec['trans_type']
       end
       return {'EXISTS', existing[1], fingerprint or '', trans_type or ''}
     end

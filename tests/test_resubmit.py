@@ -106,6 +106,25 @@ async def test_gid_reused_with_other_content_is_refused(
     assert (status, reply) == (200, {"dtm_result": "SUCCESS"})
 
 
+async def test_a_msg_submitted_after_its_prepare_refuses_other_content(
+    api: Api, participant: Participant
+) -> None:
+    """The prepare stores the message; its submit's content is what a resend is compared
+    with, kept beside what the prepare stored."""
+    gid = new_gid("prepared-msg")
+    body = {"gid": gid, "trans_type": "msg", "steps": [{"action": participant.url("a1")}],
+            "payloads": ['{"n":1}'], "query_prepared": participant.url("qp")}
+    assert (await api.post("prepare", body))[0] == 200
+    assert (await api.post("submit", body))[0] == 200
+    await api.wait_status(gid, "succeed")
+    status, reply = await api.post("submit", {**body, "payloads": ['{"n":2}']})
+    assert status == 409, reply
+    assert "reused with other content" in reply["message"]
+    status, reply = await api.post("submit", {**body, "wait_result": True})
+    assert (status, reply) == (200, {"dtm_result": "SUCCESS"})
+    assert len(participant.calls_to("a1", gid)) == 1
+
+
 async def test_json_rpc_refuses_a_reused_gid(
     api: Api, session: aiohttp.ClientSession, shared_coordinator: CoordinatorProcess,
     participant: Participant,

@@ -383,21 +383,19 @@ def _trans_from_hash(
     get = fields.get
     spec = _spec_of(fields)
     if spec is not None:
-        static: Mapping[str, Any] = spec
+        # A field written after the create wins over the spec's value: a submit's
+        # fingerprint after a prepare, a retry's next_cron_interval.
+        static: Mapping[str, Any] = {**spec, **fields}
         steps = spec.get("steps") or ()
         payloads = spec.get("payloads") or ()
         options = _options_of(spec.get("options"))
         ext = spec.get("ext") or {}
-        interval = spec.get("next_cron_interval")
     else:  # layout 4: a field per value, JSON ones as text
         static = fields
         steps = _loads(get("steps"), list)
         payloads = _loads(get("payloads"), list)
         options = options_from_json(get("options", ""))
         ext = _loads(get("ext"), dict)
-        interval = None
-    if "next_cron_interval" in fields:  # written by the engine: it wins over the spec's
-        interval = get("next_cron_interval")
     created = _int(get("create_time"))
     status = status_of(fields["status"])
     return record_of(Trans, {
@@ -419,7 +417,7 @@ def _trans_from_hash(
         "update_time": _int(get("update_time")) or created,
         "finish_time": _int(get("finish_time")),
         "rollback_time": _int(get("rollback_time")),
-        "next_cron_interval": _int(interval),
+        "next_cron_interval": _int(static.get("next_cron_interval")),
         # The finishing write leaves the last schedule in place; a finished one has none.
         "next_cron_time": 0 if status in FINISHED else _int(get("next_cron_time")),
         "retry_count": _int(get("retry_count")),
