@@ -16,9 +16,12 @@ local function create_transaction(K, A)
       -- may move a prepared transaction on.
       local fingerprint, trans_type = existing[3], existing[4]
       if existing[2] and not (fingerprint and trans_type) then
-        local spec = cjson.decode(existing[2])
-        fingerprint = fingerprint or spec['fingerprint']
-        trans_type = trans_type or spec['trans_type']
+        -- A spec damaged by hand says nothing; the answer is still EXISTS.
+        local ok, spec = pcall(cjson.decode, existing[2])
+        if ok and type(spec) == 'table' then
+          fingerprint = fingerprint or spec['fingerprint']
+          trans_type = trans_type or spec['trans_type']
+        end
       end
       return {'EXISTS', existing[1], fingerprint or '', trans_type or ''}
     end

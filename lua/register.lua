@@ -1,6 +1,7 @@
 -- register
 -- Add branches to a prepared transaction (tcc, xa and workflow register them at run time).
--- KEYS[1] = transaction hash; each branch is its field "branch:<branch_id>:<op>"
+-- KEYS[1] = transaction hash; a branch registered here is its field
+--           "branch:<branch_id>:<op>" (a whole record); those of the spec count as there
 -- ARGV[1] = gid
 -- ARGV[2] = expected statuses, comma separated (normally "prepared")
 -- ARGV[3] = JSON list of branch objects (branch_id, op, url, status, data)
@@ -13,7 +14,8 @@
 
 --!include lib_expect.lua
 
-local status = redis.call('HGET', KEYS[1], 'status')
+local cur = redis.call('HMGET', KEYS[1], 'status', 'spec')
+local status = cur[1]
 if not status then
   return {'NOT_FOUND'}
 end
@@ -21,12 +23,24 @@ if not status_in(ARGV[2], status) then
   return {'CONFLICT', status}
 end
 
--- One read of the field names answers both which branches exist and how many there are
--- (the next seq); HKEYS costs one call where a check per branch costs one each.
+-- The branches there are, and how many (the next seq): those of the spec (a saga's or
+-- a msg's, created with it; only such a spec has the key "branches"), then the fields
+-- of the others. One HKEYS answers for every field, where a check per branch costs a
+-- call each; a spec branch whose state has a field is counted once.
 local known = {}
 local seq = 0
+if cur[2] and string.find(cur[2], '"branches":', 1, true) then
+  local ok, spec = pcall(cjson.decode, cur[2])
+  if not ok then
+    return redis.error_reply('the spec of ' .. ARGV[1] .. ' cannot be read')
+  end
+  for _, b in ipairs(spec['branches'] or {}) do
+    known['branch:' .. b['branch_id'] .. ':' .. b['op']] = true
+    seq = seq + 1
+  end
+end
 for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(name, 1, 7) == 'branch:' then
+  if string.sub(name, 1, 7) == 'branch:' and not known[name] then
     known[name] = true
     seq = seq + 1
   end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -14,6 +15,7 @@ from coordinator.store.codec import (
     options_from_json,
     options_to_json,
     split_hash,
+    trans_field_pairs,
     trans_from_hash,
     trans_from_pairs,
 )
@@ -95,3 +97,71 @@ def test_shared_options_equal_fresh_ones() -> None:
 def test_a_branch_record_without_optional_fields() -> None:
     branch = branch_from_json('{"branch_id":"02","op":"msg"}')
     assert vars(branch) == vars(Branch("02", Op.MSG, ""))
+
+
+# -- layout 5: the spec -------------------------------------------------------------------------
+
+MADE = Trans(
+    gid="g-5", trans_type="msg", status=Status.SUBMITTED,
+    steps=({"action": "http://x/a"}, {"action": "http://x/b"}), payloads=("{}", "[1]"),
+    branches=(Branch("01", Op.ACTION, "http://x/a"), Branch("02", Op.ACTION, "http://x/b")),
+    custom_data='{"delay":3}', query_prepared="http://x/qp", rollback_reason="why",
+    options=Options(wait_result=True, retry_interval=7), ext_headers={"traceparent": "t"},
+    next_cron_interval=7, fingerprint="fp",
+)
+
+
+def _stored(trans: Trans, **more: str) -> dict[str, str]:
+    """The hash a create of `trans` leaves at 1764557000000 (as lib_create.lua writes it)."""
+    pairs = [x.decode() if isinstance(x, bytes) else x for x in trans_field_pairs(trans)]
+    fields = dict(zip(pairs[0::2], pairs[1::2], strict=True))
+    return {"gid": trans.gid, "status": trans.status, "create_time": "1764557000000",
+            "next_cron_time": "1764557007000",
+            "created_member": f"1764557000000:{trans.gid}", **fields, **more}
+
+
+def test_what_a_create_stores_reads_back_as_it_was() -> None:
+    read = trans_from_pairs(_flat(_stored(MADE)))
+    at = 1764557000000
+    assert read == replace(
+        MADE, create_time=at, update_time=at, next_cron_time=at + 7000,
+        branches=tuple(replace(b, seq=i, create_time=at, update_time=at)
+                       for i, b in enumerate(MADE.branches, 1)))
+    assert all(b.in_spec for b in read.branches)
+    assert {f.name for f in dataclasses.fields(Trans)} <= set(vars(read))
+    for b in read.branches:
+        assert {f.name for f in dataclasses.fields(Branch)} <= set(vars(b))
+
+
+def test_a_state_record_changes_only_its_branch_and_a_later_field_wins() -> None:
+    read = trans_from_pairs(_flat(_stored(
+        MADE, fingerprint="fp-submit", next_cron_interval="0", update_time="1764557000009",
+        **{"branch:02:action": '{"status":"succeed","update_time":"1764557000009",'
+                               '"finish_time":"1764557000009"}',
+           "branch:07:action": '{"status":"failed","update_time":"1"}'})))
+    assert (read.fingerprint, read.next_cron_interval) == ("fp-submit", 0)
+    assert [(b.key, b.status, b.update_time, b.finish_time) for b in read.branches] == [
+        ("01:action", BranchStatus.PREPARED, 1764557000000, 0),
+        ("02:action", BranchStatus.SUCCEED, 1764557000009, 1764557000009)]
+
+
+def test_a_record_of_its_own_takes_the_place_of_its_spec_branch() -> None:
+    whole = ('{"branch_id":"01","op":"action","url":"http://y/a","status":"failed",'
+             '"seq":9,"create_time":"5"}')
+    read = trans_from_pairs(_flat(_stored(MADE, **{"branch:01:action": whole})))
+    assert [(b.key, b.url, b.status, b.in_spec) for b in read.branches] == [
+        ("01:action", "http://y/a", BranchStatus.FAILED, False),
+        ("02:action", "http://x/b", BranchStatus.PREPARED, True)]
+
+
+@pytest.mark.parametrize("spec", ["[1, 2]", '{"trans_type":"msg"', "not json"])
+def test_a_spec_that_cannot_be_read_makes_the_record_unreadable(spec: str) -> None:
+    with pytest.raises(CorruptRecord, match="'g-5' cannot be read"):
+        trans_from_pairs(_flat(_stored(MADE, spec=spec)))
+
+
+def test_the_specs_usual_options_are_shared() -> None:
+    first, again = (trans_from_pairs(_flat(_stored(MADE))) for _ in range(2))
+    assert first.options is again.options
+    headers = replace(MADE, options=Options(branch_headers={"a": "b"}))
+    assert trans_from_pairs(_flat(_stored(headers))).options == Options(branch_headers={"a": "b"})

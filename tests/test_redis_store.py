@@ -24,7 +24,13 @@ from fakeredis import aioredis as fake_aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from coordinator.errors import LayoutTooNew, NotFound, PartitionMismatch
+from coordinator.errors import (
+    AlreadyExists,
+    LayoutTooNew,
+    NotFound,
+    PartitionMismatch,
+    TransactionFailure,
+)
 from coordinator.keys import (
     FINISHED_BAND,
     KeySpace,
@@ -892,3 +898,42 @@ async def test_a_start_on_a_newer_layout_is_refused(redis_url: str, prefix: str)
         await later.start()
     assert await later.client.get(marker) == "6"
     await later.close()
+
+
+async def test_registering_counts_the_branches_of_the_spec(rstore: RedisStore) -> None:
+    """A spec branch has no field until it changes: a registration still finds it there
+    (a workflow step already recorded is refused, a retried one is left alone) and
+    numbers the new ones after it."""
+    gid = "{7}msg-then-register"
+    await rstore.create(make_trans(gid, Status.PREPARED), due_in_ms=60_000)
+    with pytest.raises(TransactionFailure, match=r"01:action of .* is already recorded"):
+        await rstore.register_branches(
+            gid, [Branch("01", Op.ACTION, "", BranchStatus.SUCCEED)], expected=PREPARED,
+            unique=True)
+    added = await rstore.register_branches(
+        gid, [Branch("01", Op.ACTION, ""), Branch("09", Op.CANCEL, "http://svc/c9")],
+        expected=PREPARED, unique=False)
+    assert added == 1
+    loaded = await rstore.load(gid)
+    assert loaded is not None
+    assert [(b.key, b.url, b.seq) for b in loaded.branches] == [
+        ("01:compensate", "http://svc/c0", 1), ("01:action", "http://svc/a0", 2),
+        ("02:compensate", "http://svc/c1", 3), ("02:action", "http://svc/a1", 4),
+        ("09:cancel", "http://svc/c9", 5)]
+
+
+async def test_a_create_of_a_taken_gid_names_what_is_stored(rstore: RedisStore) -> None:
+    """The EXISTS answer carries the stored fingerprint and type: from the spec, from
+    their own fields in a layout-4 record, and nothing from a spec damaged by hand."""
+    c = rstore.client
+    spec_gid, old_gid, bad_gid = "{8}in-spec", "{8}layout-4", "{8}damaged-spec"
+    for g in (spec_gid, old_gid, bad_gid):
+        await rstore.create(make_trans(g, fingerprint=f"fp-{g}"), due_in_ms=60_000)
+    await _to_layout_4_hash(rstore, old_gid)
+    await c.hset(rstore.keys.for_gid(bad_gid).trans, "spec", "{not json")
+    for g, fingerprint, trans_type in ((spec_gid, f"fp-{spec_gid}", "saga"),
+                                       (old_gid, f"fp-{old_gid}", "saga"), (bad_gid, "", "")):
+        with pytest.raises(AlreadyExists) as caught:
+            await rstore.create(make_trans(g), due_in_ms=0)
+        assert (caught.value.status, caught.value.fingerprint, caught.value.trans_type) == (
+            "submitted", fingerprint, trans_type)
