@@ -124,8 +124,54 @@ async def test_orders_equal_units_sold_across_kills(
     finally:
         service.kill()
         coordinator.kill()
-        await client.delete(stock_key, orders_key)
-        barrier_keys = [k async for k in client.scan_iter(f"flash:barrier:{t}:*", count=1000)
-                        if any(g in k for g in bought)]
-        if barrier_keys:
-            await client.delete(*barrier_keys)
+        await _drop_sale(client, item, bought)
+
+
+async def test_a_sold_out_sale_sells_again_when_stock_comes_back(
+    redis_url: str, prefix: str, client: aioredis.Redis
+) -> None:
+    """After a sell-out a buyer costs a read of the stock rather than a purchase, yet
+    every answer is the stock's at that moment: stock put back sells again, exactly."""
+    item = "restock-" + uuid.uuid4().hex[:8]
+    stock_key = f"flash:stock:{tag(PARTITION)}:{item}"
+    service = FlashService(redis_url, prefix, item)
+    await service.start(stock=2)
+    answers: list[int] = []
+    bought: list[str] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def buy() -> None:
+                async with http.post(f"http://127.0.0.1:{service.port}/buy",
+                                     params={"user": "u"}) as r:
+                    body = await r.json(content_type=None)
+                    answers.append(r.status)
+                    if r.status == 200:
+                        bought.append(body["gid"])
+
+            for _ in range(4):
+                await buy()
+            assert answers == [200, 200, 409, 409]
+            await client.set(stock_key, 1)  # one unit back
+            await buy()
+            await buy()
+            assert answers[4:] == [200, 409]
+        assert int(await client.get(stock_key) or 0) == 0
+        # Three purchases made, each its own message for the coordinator.
+        keys = KeySpace(prefix, 16)
+        for gid in bought:
+            assert await client.hget(keys.for_gid(gid).trans, "status") == "submitted"
+        assert len(set(bought)) == 3
+    finally:
+        service.kill()
+        await _drop_sale(client, item, bought)
+
+
+async def _drop_sale(client: aioredis.Redis, item: str, bought: list[str]) -> None:
+    """The sale's keys outside the coordinator's prefix: stock, orders, barriers."""
+    t = tag(PARTITION)
+    await client.delete(f"flash:stock:{t}:{item}", f"flash:orders:{t}:{item}")
+    barrier_keys = [k async for k in client.scan_iter(f"flash:barrier:{t}:*", count=1000)
+                    if any(g in k for g in bought)]
+    if barrier_keys:
+        await client.delete(*barrier_keys)

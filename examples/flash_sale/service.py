@@ -3,7 +3,10 @@
 POST /buy?user=U      buy one unit. One Lua script checks and deducts the stock and
                       creates a two-phase message as submitted, atomically; answers
                       200 {"result":"ok","gid":...} or 409 {"dtm_result":"FAILURE",
-                      "result":"sold out"}.
+                      "result":"sold out"}. Once a buy found the stock gone, the
+                      process reads the stock first (a small script) and makes no
+                      purchase while it is 0: every answer still comes from Redis at
+                      that moment, and stock put back sells again.
 POST /order           the message's action, called by the coordinator: creates the
                       order behind a barrier, so a repeated delivery creates nothing.
 GET  /state           stock left, orders created, and which process answered (pid).
@@ -33,7 +36,7 @@ import orjson
 from coordinator.keys import KeySpace, tag
 from coordinator.machines.msg import branches_for
 from coordinator.model import Options, Status, Trans, evolve
-from coordinator.store.batch import ScriptBatcher
+from coordinator.store.batch import READ, ScriptBatcher
 from coordinator.store.redis_store import RedisStore
 from coordinator.store.scripts import batch_script_text, script_text
 from examples.http1 import Handler, Reply, Request, serve
@@ -64,22 +67,32 @@ class Sale:
         client = store.client
         self.buy_script = client.register_script(script_text("flash_buy"))
         self.order_script = client.register_script(script_text("flash_order"))
+        self.stock_script = client.register_script(script_text("flash_stock"))
         # Concurrent buyers' scripts share round trips, as the coordinator's writes do,
         # and, all being in the sale's slot, one EVALSHA of the batch script per round.
         self.batch_script = client.register_script(
-            batch_script_text(("flash_buy", "flash_order")))
+            batch_script_text(("flash_buy", "flash_order", "flash_stock")))
         self.batch = ScriptBatcher(
             client, batch_script=self.batch_script,
-            batch_index={self.buy_script.sha: 1, self.order_script.sha: 2},
+            batch_index={self.buy_script.sha: 1, self.order_script.sha: 2,
+                         self.stock_script.sha: 3},
         )
+        # Set when a buy found no stock, cleared when one succeeds: while it is set a
+        # buyer costs one read of the stock instead of a purchase's script.
+        self.sold_out = False
 
     async def start(self, stock: int | None) -> None:
-        for script in (self.buy_script, self.order_script, self.batch_script):
+        for script in (self.buy_script, self.order_script, self.stock_script,
+                       self.batch_script):
             await self.store.client.script_load(script.script)
         if stock is not None:
             await self.store.client.set(self.stock_key, stock)
 
     async def buy(self, user: str) -> tuple[bool, str]:
+        if self.sold_out:
+            left = await self.batch.call(self.stock_script, [self.stock_key], [], writes=READ)
+            if int(left) < 1:
+                return False, ""
         gid = f"{{{self.partition}}}{uuid.uuid4().hex}"
         payload = orjson.dumps({"user": user, "item": self.item}).decode()
         trans = evolve(self.purchase, gid=gid, payloads=(payload,))
@@ -90,7 +103,9 @@ class Sale:
                 self.buy_script, [*keys, *keys_after], [*args, 1, BARRIER_TTL_S]),
             due_in_ms=0,
         )
-        return reply[0] == "OK", gid
+        bought = reply[0] == "OK"
+        self.sold_out = not bought and reply[0] == "SOLD_OUT"
+        return bought, gid
 
     async def create_order(self, gid: str, branch_id: str, order: str) -> str:
         barrier = f"{self.barrier_prefix}{gid}-{branch_id}-action-01"
