@@ -27,7 +27,7 @@ from coordinator.keys import SPEC_FIELD
 from coordinator.model import Status, Trans
 from coordinator.requests import GidRequest
 from coordinator.store.base import ListFilter
-from coordinator.store.codec import CorruptRecord
+from coordinator.store.codec import CorruptRecord, spec_as_stored
 
 PREVIEW_CHARS = 200
 MAX_PAGES_SCANNED = 20  # a gid-prefix filter reads at most this many pages per view
@@ -203,12 +203,9 @@ def _shown(name: str, value: str) -> str:
         return HIDDEN
     if name != SPEC_FIELD:
         return value
-    try:
-        spec = orjson.loads(value)
-    except orjson.JSONDecodeError:
+    spec = spec_as_stored(value)
+    if spec is None:
         return HIDDEN  # what it holds cannot be told apart
-    if not isinstance(spec, dict):
-        return HIDDEN
     for secret in ("options", "ext"):
         if secret in spec:
             spec[secret] = HIDDEN

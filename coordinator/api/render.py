@@ -7,13 +7,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
 from coordinator.keys import SPEC_FIELD
 from coordinator.model import Branch, Trans
 from coordinator.requests import WorkflowState
 from coordinator.store.base import Page
-from coordinator.store.codec import options_to_json
+from coordinator.store.codec import options_to_json, spec_as_stored
 
 
 def rfc3339(ms: int) -> str | None:
@@ -77,21 +75,12 @@ def raw_trans_json(fields: Mapping[str, str]) -> dict[str, Any]:
         "create_time": rfc3339(created),
         "update_time": rfc3339(_whole(fields.get("update_time")) or created),
     }
-    spec = _readable_spec(fields.get(SPEC_FIELD))
+    spec = spec_as_stored(fields.get(SPEC_FIELD)) or {}
     for name in ("gid", "trans_type", "status", "protocol", "custom_data", "rollback_reason"):
         value = fields.get(name) or spec.get(name, "")
         _put(out, name, value if isinstance(value, str) else "")
     out["concurrent"] = False
     return out
-
-
-def _readable_spec(raw: str | None) -> dict[str, Any]:
-    """The spec's values, if it is what cannot be read, none."""
-    try:
-        spec = orjson.loads(raw or "{}")
-    except orjson.JSONDecodeError:
-        return {}
-    return spec if isinstance(spec, dict) else {}
 
 
 def _whole(value: str | None) -> int:

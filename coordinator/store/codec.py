@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import orjson
@@ -29,10 +29,14 @@ def split_hash(
 ) -> tuple[dict[str, str], dict[str, str]]:
     """One HGETALL of a transaction hash as (transaction fields, branch records keyed
     "<branch_id>:<op>"): the branches are fields of the same hash (see keys.py)."""
+    return _split(fields.items())
+
+
+def _split(pairs: Iterable[tuple[str, str]]) -> tuple[dict[str, str], dict[str, str]]:
     trans: dict[str, str] = {}
     branches: dict[str, str] = {}
     cut = len(BRANCH_FIELD)
-    for name, value in fields.items():
+    for name, value in pairs:
         if name.startswith(BRANCH_FIELD):
             branches[name[cut:]] = value
         else:
@@ -284,18 +288,11 @@ def trans_from_pairs(flat: Sequence[bytes | str]) -> Trans:
     texts = cast("Sequence[str]", flat)
     if flat and not isinstance(flat[0], str):
         texts = [_text(x) for x in flat]
-    fields: dict[str, str] = {}
-    branches: dict[str, str] = {}
-    cut = len(BRANCH_FIELD)
     # One iterator zipped with itself pairs names with values without copying the
     # reply twice into slices (a claim decodes dozens of these); strict still refuses
     # an odd count.
     items = iter(texts)
-    for name, value in zip(items, items, strict=True):
-        if name.startswith(BRANCH_FIELD):
-            branches[name[cut:]] = value
-        else:
-            fields[name] = value
+    fields, branches = _split(zip(items, items, strict=True))
     return _checked(fields, branches, True)
 
 
@@ -321,6 +318,18 @@ def _checked(
 
 def _seq(branch: Branch) -> int:
     return branch.seq
+
+
+def spec_as_stored(raw: str | None) -> dict[str, Any] | None:
+    """The spec of a record the codec cannot read, for showing it: None if there is
+    none or it is not a JSON object."""
+    if raw is None:
+        return None
+    try:
+        spec = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return spec if isinstance(spec, dict) else None
 
 
 def _spec_of(fields: Mapping[str, str]) -> dict[str, Any] | None:
@@ -431,14 +440,12 @@ def _options_of(data: Any) -> Options:
     once and shared, as `options_from_json` shares them by their text."""
     if not data or not isinstance(data, dict):
         return _NO_OPTIONS
-    if "branch_headers" in data:
+    if "branch_headers" in data:  # a dict: the items cannot be a key
         return _options_from_dict(data)
-    key = tuple(data.items())
     try:
-        hash(key)
-    except TypeError:  # a value that cannot be a key (a hand-edited record)
+        return _shared(tuple(data.items()), _options_from_dict, data)
+    except TypeError:  # another value that cannot be a key (a hand-edited record)
         return _options_from_dict(data)
-    return _shared(key, _options_from_dict, data)
 
 
 _NO_OPTIONS = Options()

@@ -103,9 +103,8 @@ class Sale:
                 self.buy_script, [*keys, *keys_after], [*args, 1, BARRIER_TTL_S]),
             due_in_ms=0,
         )
-        bought = reply[0] == "OK"
-        self.sold_out = not bought and reply[0] == "SOLD_OUT"
-        return bought, gid
+        self.sold_out = reply[0] == "SOLD_OUT"
+        return reply[0] == "OK", gid
 
     async def create_order(self, gid: str, branch_id: str, order: str) -> str:
         barrier = f"{self.barrier_prefix}{gid}-{branch_id}-action-01"
